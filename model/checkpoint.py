@@ -1,0 +1,164 @@
+"""Checkpoints: a directory of config.json, tokenizer.json, model.safetensors, metrics.json.
+
+Nothing executable: weights are safetensors (never unpickled), the rest is JSON.
+Every file is written under a temporary name and renamed into place, so a crash
+leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, from_dict
+from .network import Seq2Seq
+from .tokenizer import Tokenizer
+
+FORMAT = "seq2seq-chatbot/1"
+FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    model: Seq2Seq
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or (self.path.name if self.path else "seq2seq"))
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)`, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_checkpoint(directory: Path, model: Seq2Seq, tokenizer: Tokenizer, *,
+                    extra_config: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None, half: bool = False) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("out.weight", None)
+    config = {"format": FORMAT, **(extra_config or {}), "model": asdict(model.cfg),
+              "tokenizer": {"lowercase": tokenizer.lowercase, "vocab_size": tokenizer.vocab_size},
+              "weights_dtype": str(dtype).removeprefix("torch.")}
+    # Weights first: config.json is the last word on what the directory holds.
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(directory / "tokenizer.json", tokenizer.to_str())
+    atomic_write_text(directory / "metrics.json", json.dumps(metrics or {}, indent=2))
+    atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(
+            f"{path}: looks like a pickle or torch.save archive, not safetensors; "
+            "refusing to load it (pickles can run code)")
+
+
+def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    config = _read_json(directory / "config.json")
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / 'config.json'}: unknown format {config.get('format')!r}")
+    try:
+        cfg = from_dict(ModelConfig, dict(config.get("model") or {}), section="model")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: bad model config ({exc})") from None
+    tok_path = directory / "tokenizer.json"
+    if not tok_path.is_file():
+        raise CheckpointError(f"{tok_path}: missing")
+    try:
+        tokenizer = Tokenizer.from_str(tok_path.read_text(encoding="utf-8"),
+                                       lowercase=bool(config.get("tokenizer", {}).get("lowercase")))
+    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+        raise CheckpointError(f"{tok_path}: not a valid tokenizer ({exc})") from None
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(f"{tok_path}: vocabulary of {tokenizer.vocab_size} tokens, "
+                              f"but config.json says {cfg.vocab_size}")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    _refuse_pickle(weights)
+    try:
+        tensors = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    model = Seq2Seq(cfg)
+    expected = model.state_dict()
+    if cfg.tie_embeddings:
+        expected.pop("out.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: tensors do not match the config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{weights}: {k} has shape {tuple(v.shape)}, "
+                                  f"config implies {tuple(expected[k].shape)}")
+        if not torch.isfinite(v.float()).all():
+            raise CheckpointError(f"{weights}: {k} holds NaN or infinite values")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    model.to(device).eval()
+    metrics_path = directory / "metrics.json"
+    metrics = _read_json(metrics_path) if metrics_path.exists() else {}
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, metrics=metrics,
+                      path=directory)
+
+
+def shipped_checkpoint_path() -> Path:
+    """The pretrained checkpoint inside the package."""
+    return Path(__file__).resolve().parent / "pretrained" / "chitchat"

@@ -1,0 +1,123 @@
+"""Configuration dataclasses for the model, the tokenizer and training.
+
+A checkpoint carries `ModelConfig` and `TokenizerConfig` in its config.json, so
+serving rebuilds the network without any of the training setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8000
+    embedding_dim: int = 256
+    hidden_size: int = 512  # decoder size; each encoder direction gets half
+    num_layers: int = 2
+    dropout: float = 0.1
+    tie_embeddings: bool = True
+    context_turns: int = 2  # how many previous turns the encoder sees
+    max_source_len: int = 64  # tokens, truncated from the left
+    max_target_len: int = 40  # tokens, responses are capped (not dropped)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % 2:
+            raise ValueError("hidden_size must be even (the encoder is bidirectional)")
+        for name in ("vocab_size", "embedding_dim", "hidden_size", "num_layers",
+                     "context_turns", "max_source_len", "max_target_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 8000
+    min_frequency: int = 2
+    lowercase: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64  # pairs per batch (a token budget caps long buckets)
+    max_batch_tokens: int = 4096  # target tokens per batch at most
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # "cosine" (decays to min_lr_ratio by max_steps) or "constant"
+    min_lr_ratio: float = 0.05
+    max_steps: int = 0  # 0: run `epochs` epochs
+    epochs: int = 10
+    eval_every: int = 500
+    checkpoint_every: int = 200
+    log_every: int = 20
+    patience: int = 0  # early stopping after N evals without improvement; 0 disables
+    clip: float = 1.0
+    seed: int = 1234
+    label_smoothing: float = 0.0
+    teacher_forcing_ratio: float = 1.0
+    num_threads: int = 0  # 0: torch default (all cores)
+    max_eval_pairs: int = 4000  # validation subset size for periodic evals
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError("schedule must be 'cosine' or 'constant'")
+        if not 0.0 < self.teacher_forcing_ratio <= 1.0:
+            raise ValueError("teacher_forcing_ratio must be in (0, 1]")
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, section: str) -> T:
+    """Build a config dataclass, refusing unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) in [{section}]: {', '.join(unknown)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_run_config(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Read a TOML file with [model], [tokenizer] and [train] tables, then apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read config {path}: {exc}") from exc
+    unknown = sorted(set(raw) - {"model", "tokenizer", "train"})
+    if unknown:
+        raise ValueError(f"unknown table(s) in {path}: {', '.join(unknown)}")
+    sections = {k: dict(raw.get(k, {})) for k in ("model", "tokenizer", "train")}
+    for k, values in (overrides or {}).items():
+        sections[k].update({n: v for n, v in values.items() if v is not None})
+    # The tokenizer's vocabulary is the model's unless one says otherwise.
+    if "vocab_size" in sections["tokenizer"] and "vocab_size" not in sections["model"]:
+        sections["model"]["vocab_size"] = sections["tokenizer"]["vocab_size"]
+    if "vocab_size" in sections["model"] and "vocab_size" not in sections["tokenizer"]:
+        sections["tokenizer"]["vocab_size"] = sections["model"]["vocab_size"]
+    return RunConfig(
+        model=from_dict(ModelConfig, sections["model"], section="model"),
+        tokenizer=from_dict(TokenizerConfig, sections["tokenizer"], section="tokenizer"),
+        train=from_dict(TrainConfig, sections["train"], section="train"),
+    )

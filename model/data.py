@@ -1,0 +1,85 @@
+"""Turning pairs into token ids and length-bucketed batches.
+
+Batches group pairs of similar target (then source) length, so little compute is
+spent on padding; their order is reshuffled every epoch from (seed, epoch) alone,
+which is what makes the data order resumable.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .corpus import Pair
+from .inference import collate_sources
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+Example = tuple[list[int], list[int]]  # (source ids, target ids ending in EOS)
+
+
+@dataclass
+class Batch:
+    src: Tensor  # (B, S)
+    src_lens: Tensor  # (B,)
+    tgt_in: Tensor  # (B, T) BOS + target
+    tgt_out: Tensor  # (B, T) target + EOS, PAD where there is none
+    num_tokens: int  # target tokens (EOS included)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.src.to(device), self.src_lens, self.tgt_in.to(device),
+                     self.tgt_out.to(device), self.num_tokens)
+
+
+def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, cfg: ModelConfig) -> list[Example]:
+    """Contexts truncated from the left, responses capped: nothing is dropped but the
+    pairs whose response normalises to nothing."""
+    examples = []
+    for pair in pairs:
+        tgt = tokenizer.encode(pair.response)[: cfg.max_target_len - 1]
+        if not tgt:
+            continue
+        src = tokenizer.encode_context(pair.context, cfg.max_source_len)
+        examples.append((src, tgt + [EOS_ID]))
+    return examples
+
+
+def collate(examples: Sequence[Example]) -> Batch:
+    src, src_lens = collate_sources([e[0] for e in examples])
+    T = max(len(e[1]) for e in examples)
+    tgt_in = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
+    tgt_out = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
+    for i, (_, tgt) in enumerate(examples):
+        tgt_out[i, : len(tgt)] = torch.tensor(tgt)
+        tgt_in[i, 0] = BOS_ID
+        tgt_in[i, 1: len(tgt)] = torch.tensor(tgt[:-1])
+    return Batch(src, src_lens, tgt_in, tgt_out, sum(len(e[1]) for e in examples))
+
+
+def make_batches(examples: Sequence[Example], *, batch_size: int, max_tokens: int,
+                 seed: int, shuffle: bool = True) -> list[list[int]]:
+    """Index lists of length-bucketed batches; a batch holds at most `batch_size` pairs
+    and about `max_tokens` padded target-plus-source tokens."""
+    rng = random.Random(seed)
+    jitter = [rng.random() for _ in examples] if shuffle else [0.0] * len(examples)
+    order = sorted(range(len(examples)),
+                   key=lambda i: (len(examples[i][1]), len(examples[i][0]) // 4, jitter[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        size = len(examples[i][1]) + len(examples[i][0])
+        if current and (len(current) >= batch_size or max(longest, size) * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, size)
+    if current:
+        batches.append(current)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches

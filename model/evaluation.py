@@ -1,0 +1,115 @@
+"""Scoring a model: per-token and per-word perplexity, BLEU, distinct-n, sample replies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import Batch, Example, collate, make_batches
+from .decoding import DecodeOptions
+from .inference import generate
+from .network import Seq2Seq
+from .tokenizer import Tokenizer
+
+SAMPLE_PROMPTS = (
+    "hi, how are you?",
+    "what do you do for a living?",
+    "do you have any pets?",
+    "what is your favorite food?",
+    "where are you from?",
+    "what did you do this weekend?",
+    "i love watching movies",
+    "do you like sports?",
+    "what music do you listen to?",
+    "i am so tired today",
+)
+
+
+@dataclass
+class LossStats:
+    nll: float  # summed over target tokens
+    tokens: int
+    words: int  # whitespace words of the references, plus one end-of-reply per pair
+    pairs: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(min(self.nll / max(self.words, 1), 50.0))
+
+
+def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the real target tokens; the output layer only sees those."""
+    enc = model.encode(batch.src, batch.src_lens)
+    feats = model.decode_features(batch.tgt_in, enc)  # (B, T, H)
+    keep = batch.tgt_out != 0
+    logits = model.project(feats[keep])  # (N, V)
+    loss = F.cross_entropy(logits.float(), batch.tgt_out[keep], reduction="sum",
+                           label_smoothing=label_smoothing)
+    return loss, int(keep.sum())
+
+
+def count_words(tokenizer: Tokenizer, examples: Sequence[Example]) -> int:
+    return sum(len(tokenizer.decode(tgt).split()) + 1 for _, tgt in examples)
+
+
+@torch.inference_mode()
+def evaluate_loss(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[Example],
+                  batch_size: int = 128, max_tokens: int = 8192) -> LossStats:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, tokens = 0.0, 0
+    for idx in make_batches(examples, batch_size=batch_size, max_tokens=max_tokens, seed=0,
+                            shuffle=False):
+        loss, n = batch_loss(model, collate([examples[i] for i in idx]).to(device))
+        nll += float(loss)
+        tokens += n
+    model.train(was_training)
+    return LossStats(nll=nll, tokens=tokens, words=count_words(tokenizer, examples),
+                     pairs=len(examples))
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    grams = [tuple(w[i:i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def reply(model: Seq2Seq, tokenizer: Tokenizer, turns: Sequence[str], opts: DecodeOptions) -> str:
+    src = tokenizer.encode_context(turns, model.cfg.max_source_len)
+    hyps = generate(model, [src], opts)[0]
+    return tokenizer.decode(hyps[0].tokens) if hyps else ""
+
+
+def generation_metrics(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[Example],
+                       opts: DecodeOptions, batch_size: int = 64) -> dict[str, float]:
+    import sacrebleu
+
+    hyps, refs = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        out = generate(model, [src for src, _ in chunk], opts)
+        hyps += [tokenizer.decode(h[0].tokens) if h else "" for h in out]
+        refs += [tokenizer.decode(tgt) for _, tgt in chunk]
+    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score if hyps else 0.0
+    return {"bleu": round(bleu, 3), "distinct_1": round(distinct_n(hyps, 1), 4),
+            "distinct_2": round(distinct_n(hyps, 2), 4), "generated_pairs": len(hyps)}
+
+
+def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS,
+                   ) -> list[dict[str, str]]:
+    greedy = DecodeOptions(strategy="greedy", max_length=30)
+    beam = DecodeOptions(strategy="beam", beam_size=5, max_length=30, no_repeat_ngram_size=3)
+    return [{"prompt": p, "greedy": reply(model, tokenizer, [p], greedy),
+             "beam": reply(model, tokenizer, [p], beam)} for p in prompts]

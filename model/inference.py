@@ -1,0 +1,91 @@
+"""Glue between the network and the searches: batch sources, run a search to the end."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .decoding import DecodeOptions, Hypothesis, decode
+from .network import EncoderOutput, LSTMState, Seq2Seq
+from .tokenizer import PAD_ID
+
+
+@dataclass
+class DecoderRows:
+    """The recurrent state and encoder output of R decoding rows."""
+
+    state: LSTMState
+    enc: EncoderOutput
+
+    def index_select(self, index: Tensor) -> DecoderRows:
+        h, c = self.state
+        return DecoderRows(state=(h.index_select(1, index), c.index_select(1, index)),
+                           enc=self.enc.index_select(index))
+
+    @staticmethod
+    def concatenate(rows: Sequence[DecoderRows]) -> DecoderRows:
+        """Rows of several batches in one; encoder memories are padded to the longest."""
+        S = max(r.enc.memory.shape[1] for r in rows)
+
+        def pad(t: Tensor, value: float | bool = 0.0) -> Tensor:
+            extra = S - t.shape[1]
+            if not extra:
+                return t
+            shape = (t.shape[0], extra, *t.shape[2:])
+            return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+        enc = EncoderOutput(
+            memory=torch.cat([pad(r.enc.memory) for r in rows]),
+            keys=torch.cat([pad(r.enc.keys) for r in rows]),
+            mask=torch.cat([pad(r.enc.mask, False) for r in rows]),
+            state=(torch.cat([r.enc.state[0] for r in rows], 1),
+                   torch.cat([r.enc.state[1] for r in rows], 1)),
+        )
+        return DecoderRows(state=(torch.cat([r.state[0] for r in rows], 1),
+                                  torch.cat([r.state[1] for r in rows], 1)), enc=enc)
+
+
+def collate_sources(sources: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+                    ) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, S) ids and (B,) lengths; an empty source becomes one PAD token
+    of length 1 so that the packed LSTM accepts it."""
+    lens = [max(len(s), 1) for s in sources]
+    src = torch.full((len(sources), max(lens)), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(sources):
+        if s:
+            src[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return src.to(device), torch.tensor(lens, dtype=torch.long)
+
+
+@torch.inference_mode()
+def encode_sources(model: Seq2Seq, sources: Sequence[Sequence[int]]) -> DecoderRows:
+    device = next(model.parameters()).device
+    src, lens = collate_sources(sources, device)
+    enc = model.encode(src, lens)
+    return DecoderRows(state=enc.state, enc=enc)
+
+
+def step_rows(model: Seq2Seq, tokens: Tensor, rows: DecoderRows) -> tuple[Tensor, DecoderRows]:
+    logp, state = model.step(tokens, rows.state, rows.enc)
+    return logp, DecoderRows(state=state, enc=rows.enc)
+
+
+@torch.inference_mode()
+def generate(model: Seq2Seq, sources: Sequence[Sequence[int]], opts: DecodeOptions,
+             generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """Decode a batch of token-id sources; one hypothesis list per source, best first."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        rows = encode_sources(model, sources)
+        return decode(
+            lambda tokens, r: step_rows(model, tokens, r),  # type: ignore[arg-type]
+            rows, lambda r, i: r.index_select(i),  # type: ignore[attr-defined]
+            batch_size=len(sources), opts=opts, device=device, generator=generator,
+        )
+    finally:
+        model.train(was_training)

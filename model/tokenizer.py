@@ -1,0 +1,98 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`) with the chatbot's special tokens.
+
+Byte-level BPE covers every byte, so any string (Chinese, emoji, control
+characters after normalisation) encodes without an unknown token. Special
+tokens typed by a user are encoded as plain text (`encode_special_tokens`), so a
+message containing "<sep>" cannot forge a turn boundary.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS, UNK, SEP = "<pad>", "<s>", "</s>", "<unk>", "<sep>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, SEP)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, SEP_ID = range(5)
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str, *, lowercase: bool = False) -> str:
+    """NFKC, control characters and lone surrogates dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(
+        " " if ch.isspace() else ch
+        for ch in text
+        if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs", "Co", "Cn")
+    )
+    text = _SPACE.sub(" ", text).strip()
+    return text.lower() if lowercase else text
+
+
+class Tokenizer:
+    """Thin wrapper: normalisation, turn joining and special-token handling."""
+
+    def __init__(self, hf: HFTokenizer, *, lowercase: bool = False) -> None:
+        self.hf = hf
+        self.hf.encode_special_tokens = True
+        self.lowercase = lowercase
+        for i, tok in enumerate(SPECIAL_TOKENS):
+            if hf.token_to_id(tok) != i:
+                raise ValueError(f"tokenizer.json: special token {tok!r} must have id {i}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
+              lowercase: bool = False) -> Tokenizer:
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator((normalize(t, lowercase=lowercase) for t in texts), trainer=trainer)
+        return cls(hf, lowercase=lowercase)
+
+    def normalize(self, text: str) -> str:
+        return normalize(text, lowercase=self.lowercase)
+
+    def encode(self, text: str) -> list[int]:
+        text = self.normalize(text)
+        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_context(self, turns: Sequence[str], max_len: int) -> list[int]:
+        """Turns joined by <sep>, truncated from the left to `max_len` tokens."""
+        ids: list[int] = []
+        for i, turn in enumerate(turns):
+            if i:
+                ids.append(SEP_ID)
+            ids.extend(self.encode(turn))
+        return ids[-max_len:] if max_len else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
+        # Model output may split a multi-byte character; drop the replacement marks.
+        return self.hf.decode(ids, skip_special_tokens=True).replace("\ufffd", "").strip()
+
+    def to_str(self) -> str:
+        return self.hf.to_str()
+
+    @classmethod
+    def from_str(cls, data: str, *, lowercase: bool = False) -> Tokenizer:
+        return cls(HFTokenizer.from_str(data), lowercase=lowercase)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")

@@ -1,0 +1,108 @@
+"""`chatbot train` and `chatbot eval` as functions, so the CLI stays a thin parser."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint, shipped_checkpoint_path
+from .config import RunConfig, load_run_config
+from .decoding import DecodeOptions
+from .evaluation import evaluate_loss, generation_metrics, sample_replies
+from .tokenizer import Tokenizer
+from .training import (STATE_FILE, Trainer, TrainingError, check_resumable, load_state,
+                       prepare_corpus, truncate_log)
+
+log = logging.getLogger(__name__)
+
+
+def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: bool = False,
+                 overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+                 ) -> dict[str, Any]:
+    out = Path(out)
+    cfg: RunConfig = load_run_config(config, overrides)
+    state = None
+    tokenizer = None
+    if resume:
+        state = load_state(out)
+        check_resumable(state, cfg, out)
+        tok_path = out / "tokenizer.json"
+        if not tok_path.is_file():
+            raise TrainingError(f"{tok_path}: missing; cannot resume without the run's tokenizer")
+        tokenizer = Tokenizer.from_str(tok_path.read_text(encoding="utf-8"),
+                                       lowercase=cfg.tokenizer.lowercase)
+        truncate_log(out, int(state["step"]))
+    elif (out / STATE_FILE).exists():
+        raise TrainingError(f"{out} already holds a training run; pass --resume to continue it "
+                            "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir() or not _writable(out):
+        raise TrainingError(f"{out}: output directory is not writable")
+    started = time.perf_counter()
+    data = prepare_corpus(corpus, cfg, tokenizer)
+    log.info("corpus %s: %s", corpus, json.dumps(data.summary))
+    if tokenizer is None:
+        data.tokenizer.save(out / "tokenizer.json")
+    if data.tokenizer.vocab_size != cfg.model.vocab_size:
+        # A small corpus can give fewer merges than asked for: size the model to the tokenizer.
+        cfg = RunConfig(model=type(cfg.model)(**{**asdict(cfg.model),
+                                                 "vocab_size": data.tokenizer.vocab_size}),
+                        tokenizer=cfg.tokenizer, train=cfg.train)
+        if state is not None:
+            check_resumable(state, cfg, out)
+    trainer = Trainer(cfg, data, out, progress=progress, state=state)
+    result = trainer.train()
+    result["setup_seconds"] = round(time.perf_counter() - started - trainer.elapsed, 1)
+    result["corpus"] = data.summary
+    return result
+
+
+def _writable(path: Path) -> bool:
+    probe = path / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def run_eval(*, checkpoint: Path | None = None, corpus: str = "chitchat", split: str = "test",
+             max_generate: int = 1000, samples: bool = True) -> dict[str, Any]:
+    path = Path(checkpoint) if checkpoint else shipped_checkpoint_path()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = load_checkpoint(path, device=device)
+    train_cfg = ckpt.config.get("training") or {}
+    cfg = load_run_config(None, {"model": asdict(ckpt.model.cfg), "train": {
+        k: train_cfg[k] for k in ("seed", "valid_fraction", "test_fraction") if k in train_cfg}})
+    data = prepare_corpus(corpus, cfg, ckpt.tokenizer)
+    examples = {"train": data.train, "valid": data.valid, "test": data.test}[split]
+    if not examples:
+        raise TrainingError(f"corpus {corpus!r} has no {split} pairs")
+    stats = evaluate_loss(ckpt.model, ckpt.tokenizer, examples)
+    gen = generation_metrics(ckpt.model, ckpt.tokenizer, examples[:max_generate],
+                             DecodeOptions(strategy="greedy", max_length=ckpt.model.cfg.max_target_len))
+    result: dict[str, Any] = {
+        "checkpoint": str(path), "corpus": corpus, "split": split,
+        "perplexity": round(stats.perplexity, 3), "word_perplexity": round(stats.word_perplexity, 3),
+        "loss": round(stats.loss, 5), "num_pairs": stats.pairs, "num_tokens": stats.tokens,
+        "num_words": stats.words, **gen,
+    }
+    if samples:
+        result["samples"] = sample_replies(ckpt.model, ckpt.tokenizer)
+    return result
+
+
+def export_half(src: Path, dst: Path) -> None:
+    """Copy a checkpoint with float16 weights (how the shipped model is packaged)."""
+    ckpt = load_checkpoint(src)
+    extra = {k: v for k, v in ckpt.config.items()
+             if k not in ("format", "model", "tokenizer", "weights_dtype")}
+    save_checkpoint(dst, ckpt.model, ckpt.tokenizer, extra_config=extra, metrics=ckpt.metrics,
+                    half=True)
