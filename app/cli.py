@@ -67,7 +67,8 @@ def _train(args: argparse.Namespace) -> int:
     }}
     result = run_training(corpus=args.corpus, out=args.out, config=args.config, resume=args.resume,
                           overrides=overrides, progress=not args.no_progress)
-    print(json.dumps(result, indent=2))
+    if not result.get("rank"):  # under torchrun, rank 0 alone prints
+        print(json.dumps(result, indent=2))
     return 130 if result.get("interrupted") else 0
 
 

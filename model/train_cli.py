@@ -14,10 +14,19 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint, shipped_checkpoint_path
 from .config import RunConfig, load_run_config
 from .decoding import DecodeOptions
+from .distributed import init_from_env
 from .evaluation import evaluate_loss, generation_metrics, sample_replies
 from .tokenizer import Tokenizer
-from .training import (STATE_FILE, Trainer, TrainingError, check_resumable, load_state,
-                       prepare_corpus, truncate_log)
+from .training import (
+    STATE_FILE,
+    Corpus,
+    Trainer,
+    TrainingError,
+    check_resumable,
+    load_state,
+    prepare_corpus,
+    truncate_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +36,31 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
                  ) -> dict[str, Any]:
     out = Path(out)
     cfg: RunConfig = load_run_config(config, overrides)
+    dist = init_from_env()  # None unless launched by torchrun with WORLD_SIZE > 1
+    try:
+        started = time.perf_counter()
+        if dist is None:
+            cfg, data, state = _prepare(corpus, out, cfg, resume)
+        else:  # rank 0 loads, trains the tokenizer and reads the state; the others receive them
+            cfg, data, state = dist.share_setup(lambda: _prepare(corpus, out, cfg, resume))
+        trainer = Trainer(cfg, data, out, progress=progress, state=state,
+                          device=dist.device if dist else None, dist=dist)
+        result = trainer.train()
+        result["setup_seconds"] = round(time.perf_counter() - started - trainer.elapsed, 1)
+        result["corpus"] = data.summary
+        if dist is not None:
+            result.update(rank=dist.rank, world_size=dist.world_size,
+                          replicas=dist.compare_replicas(trainer.model))
+            dist.barrier()  # nobody exits (which makes torchrun stop the rest) before rank 0 is done
+        return result
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _prepare(corpus: str, out: Path, cfg: RunConfig, resume: bool,
+             ) -> tuple[RunConfig, Corpus, dict[str, Any] | None]:
+    """Check the output directory, read the state to resume, load the corpus, train the tokenizer."""
     state = None
     tokenizer = None
     if resume:
@@ -44,7 +78,6 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
     out.mkdir(parents=True, exist_ok=True)
     if not out.is_dir() or not _writable(out):
         raise TrainingError(f"{out}: output directory is not writable")
-    started = time.perf_counter()
     data = prepare_corpus(corpus, cfg, tokenizer)
     log.info("corpus %s: %s", corpus, json.dumps(data.summary))
     if tokenizer is None:
@@ -56,11 +89,7 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
                         tokenizer=cfg.tokenizer, train=cfg.train)
         if state is not None:
             check_resumable(state, cfg, out)
-    trainer = Trainer(cfg, data, out, progress=progress, state=state)
-    result = trainer.train()
-    result["setup_seconds"] = round(time.perf_counter() - started - trainer.elapsed, 1)
-    result["corpus"] = data.summary
-    return result
+    return cfg, data, state
 
 
 def _writable(path: Path) -> bool:

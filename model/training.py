@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from .data import Example, collate, encode_pairs, make_batches
 from .evaluation import LossStats, batch_loss, evaluate_loss
 from .network import Seq2Seq
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +97,18 @@ def pick_device() -> torch.device:
 class Trainer:
     def __init__(self, cfg: RunConfig, corpus: Corpus, out: Path, *,
                  device: torch.device | None = None, progress: bool = True,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, dist: DistContext | None = None) -> None:
         self.cfg = cfg
         self.corpus = corpus
         self.out = Path(out)
         self.device = device or pick_device()
         self.progress = progress
+        # Under torchrun (model/distributed.py): rank 0 alone writes files and shows progress.
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
         t = cfg.train
         if self.device.type == "cpu":
-            torch.set_num_threads(t.num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(t.num_threads or (dist.cpu_threads() if dist else os.cpu_count()) or 1)
         torch.manual_seed(t.seed)
         self.rng = random.Random(t.seed)
         self.model = Seq2Seq(cfg.model).to(self.device)
@@ -119,7 +125,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule,
                                                 t.min_lr_ratio))
         self.use_amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda",
+                                           enabled=self.use_amp and not torch.cuda.is_bf16_supported())
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -132,13 +139,19 @@ class Trainer:
                              if len(corpus.valid) > t.max_eval_pairs else corpus.valid)
         if state is not None:
             self._load_state(state)
+        # DDP only syncs gradients for work done inside its forward(), so the loss goes through it.
+        self.ddp = dist.wrap(self.model, self._batch_loss) if dist is not None else None
         self._stop_signal: int | None = None
+        self._stop_agreed = False  # under DDP: some rank was signalled, all stop at this step
 
     # -- data --------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         t = self.cfg.train
-        return make_batches(self.corpus.train, batch_size=t.batch_size, max_tokens=t.max_batch_tokens,
-                            seed=t.seed * 1000 + epoch)
+        # Under DDP the batches are global (N x batch_size pairs) and each rank trains on its slice.
+        world = 1 if self.dist is None else self.dist.world_size
+        batches = make_batches(self.corpus.train, batch_size=t.batch_size * world,
+                               max_tokens=t.max_batch_tokens * world, seed=t.seed * 1000 + epoch)
+        return batches if self.dist is None else self.dist.shard(batches)
 
     def _batches(self) -> Iterator[list[int]]:
         while True:
@@ -152,7 +165,9 @@ class Trainer:
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        extra = {} if self.dist is None else {"world_size": self.dist.world_size}
         return {
+            **extra,
             "version": 1,
             "config": {"model": asdict(self.cfg.model), "tokenizer": asdict(self.cfg.tokenizer)},
             "train_config": asdict(self.cfg.train),
@@ -175,22 +190,33 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         for k in ("step", "epoch", "batch_in_epoch", "best_val", "bad_evals", "elapsed", "tokens_seen"):
             setattr(self, k, state[k])
+        saved_world, world = state.get("world_size", 1), self.dist.world_size if self.dist else 1
+        if saved_world != world:  # keep the position in the epoch's global batch order
+            self.batch_in_epoch = self.batch_in_epoch * saved_world // world
+            log.warning("resuming a %d-process run on %d processes: effective batch size changes",
+                        saved_world, world)
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.rng.setstate(_rng_from_list(state["python_rng"]))
 
     def save_state(self) -> None:
+        if not self.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     # -- logging -----------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def _plot(self) -> None:
+        if not self.is_main:
+            return
         try:
             write_curve(self.out / LOG_FILE, self.out / CURVE_FILE)
         except Exception as exc:  # a plotting failure must never stop training
@@ -198,9 +224,13 @@ class Trainer:
 
     # -- evaluation & checkpoints -----------------------------------------
     def validate(self) -> LossStats:
+        if self.dist is not None:  # sharded over the ranks, summed with all_reduce
+            return self.dist.evaluate_loss(self.model, self.corpus.tokenizer, self.valid_subset)
         return evaluate_loss(self.model, self.corpus.tokenizer, self.valid_subset)
 
     def save_best(self, stats: LossStats) -> None:
+        if not self.is_main:
+            return
         metrics = {"step": self.step, "val_loss": round(stats.loss, 5),
                    "val_perplexity": round(stats.perplexity, 3),
                    "val_word_perplexity": round(stats.word_perplexity, 3),
@@ -226,32 +256,48 @@ class Trainer:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
+    def _stopping(self) -> bool:
+        # Ranks must stop at the same step, or the others would wait forever in the next all_reduce.
+        return self._stop_signal is not None if self.dist is None else self._stop_agreed
+
     def train(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         t = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         in_main = _is_main_thread()
         if in_main:
             for s in previous:
                 signal.signal(s, self._on_signal)
-        bar = _progress(self.total_steps, self.step, self.progress)
+        bar = _progress(self.total_steps, self.step, self.progress and self.is_main)
         self.model.train()
         batches = self._batches()
         window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
         last_record: dict[str, Any] = {}
         stopped_early = False
         try:
-            while self.step < self.total_steps and self._stop_signal is None:
+            while self.step < self.total_steps and not self._stopping():
                 start = time.perf_counter()
                 batch = collate([self.corpus.train[i] for i in next(batches)]).to(self.device)
-                loss = self._train_step(batch)
+                if self.dist is None:
+                    loss = self._train_step(batch)
+                    loss_sum, num_tokens = loss * batch.num_tokens, batch.num_tokens
+                else:  # the global batch's tokens (the loss's denominator) and any rank's stop signal
+                    num_tokens, self._stop_agreed = self.dist.sync_step(batch.num_tokens,
+                                                                        self._stop_signal is not None)
+                    if self._stop_agreed and self._stop_signal is None:
+                        self._stop_signal = signal.SIGTERM
+                    share = num_tokens / self.dist.world_size
+                    loss_sum = self._train_step(batch, share) * share  # this rank's part of the sum
                 self.step += 1
-                self.tokens_seen += batch.num_tokens
-                window_loss += loss * batch.num_tokens
-                window_tokens += batch.num_tokens
+                self.tokens_seen += num_tokens
+                window_loss += loss_sum
+                window_tokens += num_tokens
                 self.elapsed += time.perf_counter() - start
                 evaluate = self.step % t.eval_every == 0 or self.step == self.total_steps
                 if self.step % t.log_every == 0 or evaluate:
+                    if self.dist is not None:
+                        window_loss = self.dist.all_sum(window_loss)
                     secs = time.perf_counter() - window_start
                     record = {"step": self.step, "epoch": self.epoch,
                               "loss": round(window_loss / max(window_tokens, 1), 5),
@@ -281,29 +327,30 @@ class Trainer:
             if in_main:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
-        if not (self.out / "model.safetensors").exists():
+        missing = not (self.out / "model.safetensors").exists()
+        if self.dist is not None:  # rank 0's directory decides (other nodes may not share it)
+            missing = self.dist.broadcast_flag(missing)
+        if missing:
             self.save_best(self.validate())  # a run shorter than one eval still leaves a checkpoint
         return {"step": self.step, "best_val_loss": self.best_val, "stopped_early": stopped_early,
                 "interrupted": self._stop_signal is not None, "last": last_record}
 
-    def _train_step(self, batch: Any) -> float:
+    def _train_step(self, batch: Any, denominator: float | None = None) -> float:
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.use_amp):
-            if t.teacher_forcing_ratio < 1.0:
-                enc = self.model.encode(batch.src, batch.src_lens)
-                feats = self.model.decode_features_sampled(batch.tgt_in, enc, t.teacher_forcing_ratio,
-                                                           self.rng)
-                keep = batch.tgt_out != 0
-                logits = self.model.project(feats[keep])
-                loss_sum = torch.nn.functional.cross_entropy(
-                    logits.float(), batch.tgt_out[keep], reduction="sum",
-                    label_smoothing=t.label_smoothing)
-                n = int(keep.sum())
+            if self.dist is not None and self.ddp is not None:
+                # dropout and sampling streams from (seed, step, rank): a resume needs no per-rank RNG
+                self.dist.seed_step(t.seed, self.step, self.rng)
+                loss_sum, n = self.ddp(batch)
             else:
-                loss_sum, n = batch_loss(self.model, batch, t.label_smoothing)
-        loss = loss_sum / max(n, 1)
+                loss_sum, n = self._batch_loss(self.model, batch)
+        # One process: the batch's per-token mean. Under DDP the denominator is the global batch's
+        # tokens / N; as DDP averages gradients over the N ranks, the step follows the gradient of
+        # the global batch's per-token mean, as one process with N x batch_size pairs would.
+        loss = loss_sum / max(n if denominator is None else denominator, 1)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip)
@@ -311,6 +358,19 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return float(loss.detach())
+
+    def _batch_loss(self, model: Seq2Seq, batch: Any) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the batch's target tokens, and their count."""
+        t = self.cfg.train
+        if t.teacher_forcing_ratio < 1.0:
+            enc = model.encode(batch.src, batch.src_lens)
+            feats = model.decode_features_sampled(batch.tgt_in, enc, t.teacher_forcing_ratio, self.rng)
+            keep = batch.tgt_out != 0
+            logits = model.project(feats[keep])
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.float(), batch.tgt_out[keep], reduction="sum", label_smoothing=t.label_smoothing)
+            return loss_sum, int(keep.sum())
+        return batch_loss(model, batch, t.label_smoothing)
 
 
 def _is_main_thread() -> bool:

@@ -1,0 +1,179 @@
+"""Continuous batching over the model's search objects (no threads, no asyncio here).
+
+`RunningBatch` holds every request that is decoding: one search per distinct
+DecodeOptions (model/decoding.py) and one DecoderRows with the recurrent state and
+encoder output of all their rows. Between steps, items join (`add`: encoded as one
+batch and concatenated onto the rows and onto the search with equal options) and
+leave (`drop`, or when they finish in `step`). A step runs the decoder once over all
+live rows of all searches, splits the log-probs per search, advances each, and
+reorders / shrinks the rows with the index each search returns.
+
+Rows keep their own lengths inside a search, so an item gives the same tokens here
+as `model.inference.generate` gives it alone (tests/api/test_batching.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.decoding import BeamSearch, DecodeOptions, Hypothesis, Search, make_search
+from model.inference import DecoderRows, encode_sources, step_rows
+from model.network import Seq2Seq
+from model.tokenizer import EOS_ID, PAD_ID
+
+# The seam for a faster decoder step: tokens (R,), rows -> log-probs (R, V), new rows.
+StepFn = Callable[[Tensor, DecoderRows], tuple[Tensor, DecoderRows]]
+
+
+def default_step(model: Seq2Seq) -> StepFn:
+    return lambda tokens, rows: step_rows(model, tokens, rows)
+
+
+@dataclass
+class BatchItem:
+    id: Hashable
+    source: list[int]
+    opts: DecodeOptions
+    stream: bool = False  # report each token as it is chosen (one-row items only)
+
+
+@dataclass
+class StepOutput:
+    finished: list[tuple[Hashable, list[Hypothesis]]] = field(default_factory=list)
+    tokens: list[tuple[Hashable, int]] = field(default_factory=list)  # streamed items' new tokens
+    rows: int = 0  # rows the step decoded
+    items: int = 0
+
+
+@dataclass
+class _Group:
+    search: Search
+    index: Tensor  # (rows,) where this search's rows sit in the batch's DecoderRows
+
+
+def drop_search_items(search: Search, ids: set[Hashable]) -> Tensor:
+    """Remove items from a search between steps; returns the index of the rows kept.
+
+    TODO: this belongs on Search as a public `filter`; it uses the same private
+    helpers that Search.advance uses to drop finished items.
+    """
+    device = search.lengths.device
+    keep = torch.tensor([i not in ids for i in search.ids], dtype=torch.bool, device=device)
+    rows = torch.arange(search.num_rows, device=device).view(-1, search.K)
+    index = search._keep_items(keep, rows)
+    for name in search._row_tensors():
+        setattr(search, name, getattr(search, name).index_select(0, index))
+    if isinstance(search, BeamSearch):
+        for i in ids:
+            search.results.pop(i, None)
+    return index
+
+
+class RunningBatch:
+    def __init__(self, model: Seq2Seq, *, step: StepFn | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.step_fn = step or default_step(model)
+        self.generator = generator
+        self.groups: dict[DecodeOptions, _Group] = {}
+        self.rows: DecoderRows | None = None
+        self.streaming: set[Hashable] = set()
+
+    @property
+    def num_rows(self) -> int:
+        return sum(g.search.num_rows for g in self.groups.values())
+
+    def __len__(self) -> int:
+        return sum(len(g.search) for g in self.groups.values())
+
+    def __contains__(self, item_id: Hashable) -> bool:
+        return any(item_id in g.search.ids for g in self.groups.values())
+
+    def add(self, items: Sequence[BatchItem]) -> None:
+        """Encode new items as one batch and join them to the running searches."""
+        if not items:
+            return
+        encoded = encode_sources(self.model, [it.source for it in items])  # B rows
+        by_opts: dict[DecodeOptions, list[int]] = {}
+        for i, it in enumerate(items):
+            by_opts.setdefault(it.opts, []).append(i)
+            if it.stream and it.opts.rows_per_item == 1:
+                self.streaming.add(it.id)
+        offset = self.rows.state[0].shape[1] if self.rows is not None else 0
+        parts = []
+        for opts, idx in by_opts.items():
+            K = opts.rows_per_item
+            pick = torch.tensor(idx, device=self.device).repeat_interleave(K)
+            parts.append(encoded.index_select(pick))
+            search = make_search([items[i].id for i in idx], opts, device=self.device,
+                                 generator=self.generator)
+            index = torch.arange(offset, offset + len(idx) * K, device=self.device)
+            offset += len(idx) * K
+            group = self.groups.get(opts)
+            if group is None:
+                self.groups[opts] = _Group(search=search, index=index)
+            else:
+                group.search = type(group.search).concatenate([group.search, search])
+                group.index = torch.cat([group.index, index])
+        old = [self.rows] if self.rows is not None else []
+        self.rows = DecoderRows.concatenate([*old, *parts]) if len(old) + len(parts) > 1 else parts[0]
+
+    def drop(self, ids: set[Hashable]) -> None:
+        """Remove items (cancelled, past their deadline) from the batch."""
+        for opts, g in list(self.groups.items()):
+            if not ids.intersection(g.search.ids):
+                continue
+            g.index = g.index.index_select(0, drop_search_items(g.search, ids))
+            if not len(g.search):
+                del self.groups[opts]
+        self.streaming -= ids
+        self._compact()
+
+    def step(self) -> StepOutput:
+        """One decoder step over every live row; finished items leave the batch."""
+        assert self.rows is not None and self.groups
+        out = StepOutput(rows=self.num_rows, items=len(self))
+        R = self.rows.state[0].shape[1]
+        tokens = torch.zeros(R, dtype=torch.long, device=self.device)
+        for g in self.groups.values():
+            tokens[g.index] = g.search.last_tokens()
+        logp, self.rows = self.step_fn(tokens, self.rows)  # (R, V)
+        for opts, g in list(self.groups.items()):
+            ids_before = list(g.search.ids)
+            res = g.search.advance(logp.index_select(0, g.index))
+            if self.streaming and opts.rows_per_item == 1:
+                for item_id, tok in zip(ids_before, res.tokens.tolist(), strict=True):
+                    if item_id in self.streaming and tok not in (EOS_ID, PAD_ID):
+                        out.tokens.append((item_id, tok))
+            for item_id, hyps in res.finished:
+                out.finished.append((item_id, hyps))
+                self.streaming.discard(item_id)
+            if not len(g.search):
+                del self.groups[opts]
+            elif res.reorder is not None:
+                g.index = g.index.index_select(0, res.reorder)
+        self._compact()
+        return out
+
+    def _compact(self) -> None:
+        """Gather the live rows, search by search, into a contiguous DecoderRows."""
+        if not self.groups:
+            self.rows = None
+            return
+        assert self.rows is not None
+        keep = torch.cat([g.index for g in self.groups.values()])
+        R = self.rows.state[0].shape[1]
+        identity = torch.arange(keep.numel(), device=self.device)
+        if keep.numel() == R and torch.equal(keep, identity):
+            return
+        self.rows = self.rows.index_select(keep)
+        start = 0
+        for g in self.groups.values():
+            n = g.index.numel()
+            g.index = identity[start:start + n]
+            start += n

@@ -1,0 +1,112 @@
+"""create_app: the FastAPI application (`uvicorn --factory app.main:create_app` works too)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from .engine import ChatEngine, EngineConfig
+from .errors import error_responses, install_error_handlers
+from .metrics import Metrics, MetricsMiddleware
+from .middleware import BodyLimitMiddleware
+from .routes import chat, health, openai, page
+from .routes.common import api_key_check
+from .settings import Settings
+
+log = logging.getLogger("chatbot.app")
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                        num_threads=settings.threads(), seed=settings.seed)
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
+    """Load the checkpoint (slow: call off the event loop) and wrap it in an engine."""
+    from model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
+    return ChatEngine(checkpoint, engine_config(settings), metrics=metrics)
+
+
+def create_app(settings: Settings | None = None, engine: ChatEngine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = engine.metrics if engine is not None and engine.metrics is not None else Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served = engine
+        if served is None:
+            served = await asyncio.to_thread(build_engine, settings, metrics)
+        elif served.metrics is None:
+            served.metrics = metrics
+        metrics.watch(lambda: served.queue_depth, lambda: served.active_requests)
+        served.start()
+        await served.wait_ready()
+        app.state.engine = served
+        try:
+            yield
+        finally:
+            # uvicorn has stopped taking connections and waited for the open ones;
+            # let whatever is still queued or decoding finish, then stop the worker.
+            await served.aclose(timeout=settings.shutdown_timeout_s)
+            log.info("engine stopped")
+
+    app = FastAPI(
+        title="seq2seq chatbot", version="0.1.0", lifespan=lifespan,
+        summary="An LSTM encoder-decoder chatbot: REST and OpenAI-compatible chat.",
+        responses=error_responses(500),
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    auth: dict[str, Any] = {}
+    if key:
+        auth = {"dependencies": [api_key_check(key)], "responses": error_responses(401)}
+    app.include_router(health.router)
+    app.include_router(health.protected, **auth)
+    app.include_router(chat.router, **auth)
+    app.include_router(openai.router, **auth)
+    app.include_router(page.router)
+
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _document_input_limit(app, settings.max_input_chars)
+    return app
+
+
+def _document_input_limit(app: FastAPI, limit: int) -> None:
+    """Write the served CHATBOT_MAX_INPUT_CHARS into the schema's text fields."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+
+            def visit(node: Any) -> None:
+                if isinstance(node, dict):
+                    if node.pop("x-input-text", False):
+                        node["maxLength"] = limit
+                    for value in node.values():
+                        visit(value)
+                elif isinstance(node, list):
+                    for value in node:
+                        visit(value)
+
+            visit(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,1 @@
+"""HTTP routers: chat (REST), openai (OpenAI-compatible), health (service), page (browser)."""

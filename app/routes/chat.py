@@ -1,0 +1,59 @@
+"""POST /api/chat: the REST chat endpoint."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from model.decoding import DecodeOptions
+
+from ..errors import error_responses
+from ..schemas import Candidate, ChatRequest, ChatResponse, Usage
+from .common import EngineDep, SettingsDep, check_length, distinct, replies, unless_disconnected
+
+router = APIRouter(tags=["chat"])
+
+
+def decode_options(req: ChatRequest) -> DecodeOptions:
+    """The search a request asks for; fields a strategy ignores are normalised, so that
+    requests that decode alike share one search in the engine."""
+    common = {"max_length": req.max_length, "min_length": min(2, req.max_length),
+              "length_penalty": req.length_penalty, "no_repeat_ngram_size": req.no_repeat_ngram_size}
+    if req.strategy == "beam":
+        width = max(req.beam_size, req.n_best)
+        # every finished beam comes back; the route keeps the n_best distinct ones
+        return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
+    if req.strategy == "sample":
+        return DecodeOptions(strategy="sample", beam_size=1, n_best=req.n_best,
+                             temperature=req.temperature, top_p=req.top_p, **common)
+    return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
+
+
+@router.post("/api/chat", response_model=ChatResponse,
+             responses=error_responses(400, 413, 415, 422, 429, 500, 503, 504))
+async def chat(req: ChatRequest, request: Request, engine: EngineDep,
+               settings: SettingsDep) -> ChatResponse:
+    """Reply to `message`, given the earlier turns in `history`.
+
+    greedy gives one reply; beam gives up to `n_best` distinct replies (the best
+    `n_best` of `beam_size` beams); sample gives `n_best` samples. Candidates are
+    distinct and sorted by score, best first; `reply` is the first.
+    """
+    start = time.perf_counter()
+    limit = settings.max_input_chars
+    check_length(req.message, limit, "message")
+    for i, turn in enumerate(req.history):
+        check_length(turn.content, limit, f"history.{i}.content")
+    source = engine.encode_turns([t.content for t in req.history] + [req.message])
+    ticket = engine.submit(source, decode_options(req), timeout=settings.request_timeout_s)
+    completion = await unless_disconnected(request, ticket.result())
+    best = distinct(replies(engine, completion.hypotheses))[: req.n_best]
+    return ChatResponse(
+        reply=best[0].text if best else "",
+        candidates=[Candidate(text=r.text, score=r.score) for r in best],
+        strategy=req.strategy, model=engine.name,
+        usage=Usage(prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=sum(r.tokens for r in best)),
+        latency_ms=round((time.perf_counter() - start) * 1000, 3),
+    )

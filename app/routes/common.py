@@ -1,0 +1,118 @@
+"""What the routers share: dependencies, the API key check, input limits, replies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import math
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from model.decoding import Hypothesis
+
+from ..engine import ChatEngine
+from ..errors import ClientGone, InvalidRequest, NotReady, Unauthorized
+from ..settings import Settings
+
+T = TypeVar("T")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_engine(request: Request) -> ChatEngine:
+    engine: ChatEngine | None = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.ready:
+        raise NotReady("the model is not loaded yet" if engine is None else "the engine is not running",
+                       headers={"Retry-After": "1"})
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[ChatEngine, Depends(get_engine)]
+
+bearer = HTTPBearer(auto_error=False, description="The key set in CHATBOT_API_KEY")
+
+
+def api_key_check(key: str) -> Depends:  # type: ignore[valid-type]
+    """A dependency that wants `Authorization: Bearer <key>` (compared in constant time)."""
+    expected = key.encode()
+
+    async def require_api_key(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not credentials or not hmac.compare_digest(given, expected):
+            raise Unauthorized("missing or wrong API key: send Authorization: Bearer <key>",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    return Depends(require_api_key)
+
+
+def check_length(text: str, limit: int, param: str) -> None:
+    if len(text) > limit:
+        raise InvalidRequest(f"{param}: {len(text)} characters; the limit is {limit}", param=param)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only
+    `http.disconnect` can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it (and so the engine's work) if the client leaves."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    raise ClientGone("the client disconnected")
+
+
+@dataclass
+class Reply:
+    text: str
+    score: float
+    tokens: int
+    finished: bool  # ended with end-of-sequence (else cut at max_length)
+
+
+def _finite(score: float) -> float:
+    # JSON has no infinities; a hypothesis forced to end can score -inf.
+    return float(score) if math.isfinite(score) else -1e9
+
+
+def replies(engine: ChatEngine, hyps: Sequence[Hypothesis]) -> list[Reply]:
+    """Decoded hypotheses, best score first."""
+    out = [Reply(text=engine.decode(h.tokens), score=_finite(h.score), tokens=len(h.tokens),
+                 finished=h.finished) for h in hyps]
+    return sorted(out, key=lambda r: r.score, reverse=True)
+
+
+def distinct(items: Sequence[Reply]) -> list[Reply]:
+    seen: set[str] = set()
+    out = []
+    for r in items:
+        if r.text not in seen:
+            seen.add(r.text)
+            out.append(r)
+    return out

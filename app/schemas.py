@@ -1,0 +1,202 @@
+"""Request and response models of the HTTP API.
+
+Requests validate strictly: no string or boolean is coerced into a number, NaN and
+infinities are refused, every number has bounds and every default is written down.
+`/api/chat` refuses unknown fields; the OpenAI-compatible request ignores them, as
+OpenAI-compatible servers do, because chat front ends send parameters (`stop`,
+`presence_penalty`, `user`, ...) that a seq2seq model has no use for.
+
+Text fields carry the mark `x-input-text`: the served OpenAPI schema turns it into
+`maxLength` = CHATBOT_MAX_INPUT_CHARS (see main.py), which the routes enforce.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STRATEGIES = ("greedy", "beam", "sample")
+Strategy = Literal["greedy", "beam", "sample"]
+TEXT_CEILING = 1_000_000  # the schema's static bound; the served limit is CHATBOT_MAX_INPUT_CHARS
+INPUT_TEXT: dict[str, Any] = {"x-input-text": True}
+MAX_TURNS = 256  # history / messages items
+MAX_BEAM = 16
+MAX_TOKENS = 256
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+# -- errors ------------------------------------------------------------------
+class FieldError(BaseModel):
+    param: str = Field(description="Dotted path of the field, e.g. `history.0.role`")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, overloaded_error, ...")
+    param: str | None = Field(None, description="The field at fault, when there is one")
+    code: str | None = None
+    details: list[FieldError] | None = Field(None, description="Every invalid field (422 only)")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- REST chat -------------------------------------------------------------------
+class Turn(Strict):
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=TEXT_CEILING, json_schema_extra=INPUT_TEXT)
+
+
+class ChatRequest(Strict):
+    """A message and the conversation before it; the server keeps no state."""
+
+    message: str = Field(min_length=1, max_length=TEXT_CEILING, json_schema_extra=INPUT_TEXT,
+                         description="The user's new message")
+    history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS,
+                                description="Earlier turns, oldest first; the model sees the last "
+                                            "few (its `context_turns`, message included)")
+    strategy: Strategy = Field("greedy", description="greedy, beam (n-best) or sample")
+    beam_size: int = Field(5, ge=1, le=MAX_BEAM, description="Beam width (beam only); raised to "
+                                                             "n_best when smaller")
+    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="Candidates to return: the n best beams, "
+                                                         "or n samples; greedy gives one")
+    max_length: int = Field(40, ge=1, le=MAX_TOKENS, description="Reply length cap in tokens")
+    length_penalty: float = Field(0.6, ge=0.0, le=5.0,
+                                  description="GNMT length penalty alpha for scores; 0 disables")
+    no_repeat_ngram_size: int = Field(3, ge=0, le=10,
+                                      description="Forbid repeating any n-gram of this size; 0 off")
+    temperature: float = Field(1.0, ge=0.01, le=5.0, description="Sampling temperature (sample only)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sample only)")
+
+
+class Candidate(BaseModel):
+    text: str
+    score: float = Field(description="Log-probability / GNMT length penalty; higher is better")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ChatResponse(BaseModel):
+    reply: str
+    candidates: list[Candidate] = Field(description="Distinct replies, best first; reply is the first")
+    strategy: Strategy
+    model: str
+    usage: Usage
+    latency_ms: float
+
+
+# -- OpenAI-compatible -------------------------------------------------------------
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str = Field(max_length=TEXT_CEILING, json_schema_extra=INPUT_TEXT)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="user and assistant turns feed the model; the others are accepted and not seen")
+    content: (Annotated[str, Field(max_length=TEXT_CEILING, json_schema_extra=INPUT_TEXT)]
+              | Annotated[list[TextPart], Field(max_length=64)] | None) = Field(
+        None, description="Text, or a list of text parts; null counts as empty")
+    name: str | None = Field(None, max_length=256)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request; the beam options are extra fields."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_TURNS)
+    model: str | None = Field(None, max_length=256,
+                              description="Any name is accepted; the served model answers")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Default 40")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
+                                              description="Alias of max_tokens")
+    n: int = Field(1, ge=1, le=MAX_BEAM, description="Choices: n-best beams (temperature 0 or "
+                                                    "unset) or n samples (temperature > 0)")
+    temperature: float | None = Field(None, ge=0.0, le=2.0,
+                                      description="0 or unset: deterministic (greedy, or beam when "
+                                                  "n > 1); > 0: sampling")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    strategy: Strategy | None = Field(None, description="Extra: force greedy, beam or sample")
+    beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="Extra: beam width; > 1 "
+                                                                      "selects beam search")
+    length_penalty: float | None = Field(None, ge=0.0, le=5.0, description="Extra: default 0.6")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=10, description="Extra: default 3")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "seq2seq-chatbot"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- service ---------------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    model: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    parameters: int
+    vocab_size: int
+    architecture: dict[str, Any] = Field(description="The checkpoint's model config")
+    training: dict[str, Any] = Field(description="Corpus and training summary from config.json")
+    metrics: dict[str, Any] = Field(description="metrics.json: validation / test scores")
+    device: str
+    engine: dict[str, Any] = Field(description="Batching limits the engine runs with")

@@ -1,0 +1,62 @@
+"""`chatbot serve`: settings from CHATBOT_* (flags override), load, then run uvicorn.
+
+The checkpoint is loaded before the server starts, so a missing or broken one ends
+the command at once with a message that names the path. On SIGTERM (or Ctrl-C)
+uvicorn stops accepting connections and waits up to CHATBOT_SHUTDOWN_TIMEOUT_S for
+the requests in flight; the lifespan hook then lets the engine finish its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from model.checkpoint import CheckpointError
+
+from .settings import Settings
+
+log = logging.getLogger("chatbot.server")
+
+
+def _settings_error(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        name = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"CHATBOT_{name.upper()} / --{name.replace('_', '-')}: {e.get('msg')}")
+    return "; ".join(parts)
+
+
+def serve(checkpoint: Path | None = None, host: str | None = None, port: int | None = None) -> int:
+    import uvicorn
+
+    from .main import build_engine, create_app
+    from .metrics import Metrics
+
+    flags = {"checkpoint": checkpoint, "host": host, "port": port}
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        print(f"chatbot serve: error: bad setting: {_settings_error(exc)}", file=sys.stderr)
+        return 2
+    path = settings.checkpoint_path()
+    metrics = Metrics()
+    try:
+        engine = build_engine(settings, metrics)
+    except CheckpointError as exc:
+        hint = ""
+        if settings.checkpoint is None:
+            hint = " (the shipped model is missing: pass --checkpoint DIR or set CHATBOT_CHECKPOINT)"
+        print(f"chatbot serve: error: cannot load checkpoint {path}: {exc}{hint}", file=sys.stderr)
+        return 2
+    log.info("serving %s from %s on http://%s:%d (API key %s)", engine.name, path, settings.host,
+             settings.port, "required" if settings.api_key else "not set")
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+                            proxy_headers=False)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1

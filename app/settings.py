@@ -1,0 +1,69 @@
+"""Service settings: `CHATBOT_*` environment variables, read once (flags override them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATBOT_", extra="ignore", frozen=True)
+
+    checkpoint: Path | None = Field(None, description="Checkpoint directory; unset: the shipped model")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="Bearer key for the chat and model endpoints")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS; unset: none")
+    max_batch_size: int = Field(128, ge=1, le=4096,
+                                description="Decoder rows in one step (a beam request uses beam_size)")
+    max_queue: int = Field(512, ge=1, le=100_000, description="Requests waiting to join the batch")
+    request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Deadline per request (504)")
+    max_input_chars: int = Field(2000, ge=1, le=100_000, description="Characters per message (422)")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413)")
+    num_threads: int = Field(0, ge=0, description="torch threads for the model; 0: all cores")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int | None = Field(None, description="Seed of the sampling generator; unset: random")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight "
+                                                               "requests may take to finish")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    def threads(self) -> int:
+        return self.num_threads or available_cores()
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def checkpoint_path(self) -> Path:
+        if self.checkpoint is not None:
+            return self.checkpoint
+        from model.checkpoint import shipped_checkpoint_path
+
+        return shipped_checkpoint_path()
