@@ -154,9 +154,17 @@ async def test_32_concurrent_greedy_requests_equal_the_sequential_replies(make_a
         sequential = []
         for b in bodies:
             sequential.append((await client.post("/api/chat", json=b)).json()["reply"])
+        registry = app.state.metrics.registry
+
+        def batched_steps() -> float:  # steps that decoded more than one request
+            return (registry.get_sample_value("chatbot_batch_requests_count")
+                    - registry.get_sample_value("chatbot_batch_requests_bucket", {"le": "1.0"}))
+
+        assert batched_steps() == 0
         responses = await asyncio.gather(*(client.post("/api/chat", json=b) for b in bodies))
     assert [r.status_code for r in responses] == [200] * 32
     assert [r.json()["reply"] for r in responses] == sequential
+    assert batched_steps() > 0
 
 
 async def test_a_full_queue_answers_429(make_app, gate: Gate) -> None:

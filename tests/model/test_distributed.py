@@ -29,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 120
 BATCH = 8  # per process; the single-process comparison uses 2 x BATCH
 
-# A constant learning rate after warmup, so that a run stopped early and resumed to STEPS
-# follows the same schedule as the uninterrupted one, and its weights can be compared bit for bit.
 CONFIG = f"""
 [model]
 embedding_dim = 32
@@ -48,8 +46,7 @@ min_frequency = 1
 batch_size = {BATCH}
 max_steps = {STEPS}
 learning_rate = 0.01
-warmup_steps = 5
-schedule = "constant"
+warmup_steps = 10
 eval_every = 40
 log_every = 10
 checkpoint_every = 20
@@ -83,8 +80,8 @@ def _env() -> dict[str, str]:
 
 def _launch(cmd: list[str], logs: Path) -> subprocess.Popen[bytes]:
     # files, not pipes: nobody reads while the test waits, and a full pipe would stall the workers
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(logs.with_suffix(".out"), "wb"),  # noqa: SIM115
-                            stderr=open(logs.with_suffix(".err"), "wb"))  # noqa: SIM115
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(logs.with_suffix(".out"), "wb"),
+                            stderr=open(logs.with_suffix(".err"), "wb"))
 
 
 def _finish(proc: subprocess.Popen[bytes], logs: Path, timeout: float = 120) -> tuple[int, dict[str, Any]]:
@@ -134,17 +131,19 @@ def _ctx(rank: int, world: int) -> DistContext:
                        device=torch.device("cpu"), backend="gloo")
 
 
-def test_shard_gives_every_rank_every_nth_batch_and_the_same_count() -> None:
-    batches = [[i] for i in range(11)]
+def test_shard_splits_each_global_batch_into_one_slice_per_rank() -> None:
+    batches = [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, 12], [13], [14, 15, 16]]
     shards = [_ctx(r, 3).shard(batches) for r in range(3)]
-    assert shards == [[[0], [3], [6]], [[1], [4], [7]], [[2], [5], [8]]]  # the partial last round dropped
-    flat = sorted(b[0] for s in shards for b in s)
-    assert flat == list(range(9))
+    # same number of steps everywhere; a batch too small to give every rank a pair is skipped
+    assert shards == [[[0, 1], [6, 7], [14]], [[2, 3], [8, 9], [15]], [[4, 5], [10, 11, 12], [16]]]
+    kept = [batches[0], batches[1], batches[3]]
+    for step in range(3):  # the slices of a step make up its global batch, with no pair twice
+        assert sorted(i for s in shards for i in s[step]) == kept[step]
 
 
-def test_shard_refuses_fewer_batches_than_processes() -> None:
-    with pytest.raises(TrainingError, match="fewer than the 4 processes"):
-        _ctx(0, 4).shard([[0], [1], [2]])
+def test_shard_refuses_a_corpus_too_small_for_the_processes() -> None:
+    with pytest.raises(TrainingError, match="each of the 4 processes"):
+        _ctx(0, 4).shard([[0, 1, 2], [3]])
 
 
 def test_a_plain_run_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +193,7 @@ def test_validation_loss_is_close_to_one_process_over_the_same_global_batch(
         torch.set_num_threads(threads)
     ddp_val, single_val = ddp_run["last"]["val_loss"], single["last"]["val_loss"]
     assert single["step"] == ddp_run["step"] == STEPS
-    assert abs(ddp_val - single_val) / single_val < 0.08, (ddp_val, single_val)
+    assert abs(ddp_val - single_val) / single_val < 0.05, (ddp_val, single_val)
     # and both learned something: far below the loss of a uniform guess over the vocabulary
     assert ddp_val < 0.6 * torch.log(torch.tensor(300.0)).item()
 
@@ -202,9 +201,8 @@ def test_validation_loss_is_close_to_one_process_over_the_same_global_batch(
 @pytest.mark.slow
 def test_sigterm_saves_once_and_resume_continues_bit_for_bit(ddp_run: dict[str, Any], workdir: Path) -> None:
     out = workdir / "killed"
-    # No step limit to race against: the run is stopped by the signal.
-    proc = _launch(_torchrun_cmd(workdir / "toy.jsonl", out, workdir / "tiny.toml", "--max-steps", "100000"),
-                   workdir / "killed")
+    # the same run as ddp_run, stopped by SIGTERM as soon as it has logged its first steps
+    proc = _launch(_torchrun_cmd(workdir / "toy.jsonl", out, workdir / "tiny.toml"), workdir / "killed")
     deadline = time.monotonic() + 90
     while proc.poll() is None and time.monotonic() < deadline:
         if (out / LOG_FILE).is_file() and (out / LOG_FILE).read_text().strip():

@@ -1,0 +1,94 @@
+"""Settings from the environment and `chatbot serve`: fast failures, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.server import serve
+from app.settings import Settings
+
+
+def test_settings_come_from_chatbot_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHATBOT_MAX_QUEUE", "7")
+    monkeypatch.setenv("CHATBOT_CORS_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("CHATBOT_API_KEY", "tops3cretkey")
+    monkeypatch.setenv("CHATBOT_PORT", "9001")
+    s = Settings(port=9002)  # a flag wins over the variable
+    assert s.max_queue == 7 and s.port == 9002
+    assert s.cors_origins == ["https://a.example", "https://b.example"]
+    assert s.api_key is not None and s.api_key.get_secret_value() == "tops3cretkey"
+    assert "tops3cretkey" not in repr(s) + str(s)  # the key is masked
+    monkeypatch.setenv("CHATBOT_API_KEY", "")
+    monkeypatch.delenv("CHATBOT_MAX_QUEUE")
+    assert Settings().api_key is None
+    assert Settings().max_queue >= 100  # the default queue holds ordinary bursts
+
+
+def test_serve_fails_at_once_on_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nowhere"
+    assert serve(checkpoint=missing, host="127.0.0.1", port=0) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such checkpoint directory" in err
+
+
+def test_serve_fails_at_once_on_a_broken_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x80\x04garbage")
+    assert serve(checkpoint=broken, host=None, port=None) == 2
+    err = capsys.readouterr().err
+    assert str(broken / "model.safetensors") in err
+
+
+def test_serve_refuses_bad_settings(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("CHATBOT_MAX_QUEUE", "lots")
+    assert serve(checkpoint=tiny_checkpoint, host=None, port=None) == 2
+    assert "CHATBOT_MAX_QUEUE" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_chatbot_serve_answers_then_stops_cleanly_on_sigterm(tiny_checkpoint: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "CHATBOT_NUM_THREADS": "1", "CHATBOT_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+                             "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/api/chat", json={"message": "hello"}, timeout=10)
+        assert r.status_code == 200 and r.json()["reply"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
