@@ -3,14 +3,15 @@
 `chatbot train` looks at the variables torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, ...)
 and, when there is more than one process, trains with one model replica per process:
 
-- Setup: rank 0 alone checks the output directory, reads the state to resume, loads the corpus and
-  trains the tokenizer; the result (config, tokenizer, encoded pairs, state) is broadcast to the
-  other ranks, so other machines need neither the corpus files nor the output directory.
-- Data: every rank builds the same seeded, length-bucketed batch order of the epoch and takes every
-  N-th batch of it (`shard`), cut to a multiple of N so that all ranks run the same number of steps.
-  One optimiser step consumes N batches: the effective batch is N x batch_size pairs.
-- Gradients: DDP averages them over the ranks; each rank's loss is its own per-token mean.
-  The learning rate is not scaled: set it for the effective batch.
+- Setup: rank 0 alone reads the config, checks the output directory, reads the state to resume,
+  loads the corpus and trains the tokenizer; the result (config, tokenizer, encoded pairs, state) is
+  broadcast to the other ranks, so other machines need neither the files nor the output directory.
+- Data: every rank builds the same seeded, length-bucketed order of global batches of
+  N x batch_size pairs (exactly the batches of one process with that batch size) and trains on
+  its contiguous slice of each (`shard`), so all ranks run the same number of steps.
+- Gradients: each rank's summed loss is divided by the global batch's tokens / N and DDP averages
+  the gradients, so a step follows the global batch's per-token mean, like one process with
+  N x batch_size pairs. The learning rate is not scaled: set it for the effective batch.
 - Randomness: dropout (and teacher-forcing sampling) draw from a seed made of (seed, step, rank),
   so ranks differ and a resume continues the same streams without any per-rank RNG state on disk.
 - Validation is sharded over the ranks and summed with all_reduce, so every rank holds the same
@@ -214,6 +215,8 @@ def init_from_env() -> DistContext | None:
         return None
     if not dist.is_available():
         raise TrainingError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if "RANK" not in os.environ:
+        raise TrainingError(f"WORLD_SIZE={world} but RANK is not set: start the processes with torchrun")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -35,14 +35,13 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
                  overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
                  ) -> dict[str, Any]:
     out = Path(out)
-    cfg: RunConfig = load_run_config(config, overrides)
     dist = init_from_env()  # None unless launched by torchrun with WORLD_SIZE > 1
     try:
         started = time.perf_counter()
         if dist is None:
-            cfg, data, state = _prepare(corpus, out, cfg, resume)
-        else:  # rank 0 loads, trains the tokenizer and reads the state; the others receive them
-            cfg, data, state = dist.share_setup(lambda: _prepare(corpus, out, cfg, resume))
+            cfg, data, state = _prepare(corpus, out, config, overrides, resume)
+        else:  # rank 0 reads the files and trains the tokenizer; the others receive the result
+            cfg, data, state = dist.share_setup(lambda: _prepare(corpus, out, config, overrides, resume))
         trainer = Trainer(cfg, data, out, progress=progress, state=state,
                           device=dist.device if dist else None, dist=dist)
         result = trainer.train()
@@ -58,9 +57,11 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
             dist.close()
 
 
-def _prepare(corpus: str, out: Path, cfg: RunConfig, resume: bool,
-             ) -> tuple[RunConfig, Corpus, dict[str, Any] | None]:
-    """Check the output directory, read the state to resume, load the corpus, train the tokenizer."""
+def _prepare(corpus: str, out: Path, config: Path | None, overrides: dict[str, dict[str, Any]] | None,
+             resume: bool) -> tuple[RunConfig, Corpus, dict[str, Any] | None]:
+    """Read the config, check the output directory, read the state to resume, load the corpus and
+    train the tokenizer."""
+    cfg = load_run_config(config, overrides)
     state = None
     tokenizer = None
     if resume:

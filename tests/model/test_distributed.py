@@ -84,8 +84,17 @@ def _launch(cmd: list[str], logs: Path) -> subprocess.Popen[bytes]:
                             stderr=open(logs.with_suffix(".err"), "wb"))
 
 
-def _finish(proc: subprocess.Popen[bytes], logs: Path, timeout: float = 120) -> tuple[int, dict[str, Any]]:
-    rc = proc.wait(timeout=timeout)
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers on SIGTERM (a SIGKILL would orphan them)
+        proc.wait(timeout=60)
+        raise
+
+
+def _finish(proc: subprocess.Popen[bytes], logs: Path, timeout: float = 600) -> tuple[int, dict[str, Any]]:
+    rc = _wait(proc, timeout)
     stdout = logs.with_suffix(".out").read_text()
     stderr = logs.with_suffix(".err").read_text()
     start = stdout.find("{")
@@ -153,20 +162,32 @@ def test_a_plain_run_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None
     assert init_from_env() is None
 
 
+def test_world_size_without_torchrun_says_how_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(TrainingError, match="torchrun"):
+        init_from_env()
+
+
 def test_per_step_seeds_differ_by_rank_and_step() -> None:
     import random
 
-    def draw(rank: int, step: int) -> float:
-        _ctx(rank, 2).seed_step(5, step, random.Random(0))
-        return float(torch.rand(1))
+    def draw(rank: int, step: int) -> tuple[float, float]:
+        rng = random.Random(0)
+        _ctx(rank, 2).seed_step(5, step, rng)
+        return float(torch.rand(1)), rng.random()
 
-    assert draw(0, 3) == draw(0, 3)
-    assert len({draw(0, 3), draw(1, 3), draw(0, 4)}) == 3
+    with torch.random.fork_rng():  # leave the session's generator as it was
+        assert draw(0, 3) == draw(0, 3)
+        assert len({draw(0, 3), draw(1, 3), draw(0, 4)}) == 3
 
 
 # -- launched under torchrun ----------------------------------------------------------
+# Each launch takes about 10 s on an idle 2-core machine; the timeouts are generous because a
+# machine shared with other jobs can be many times slower, and they only exist to catch a hang.
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_processes_write_one_checkpoint_and_end_with_identical_replicas(
         ddp_run: dict[str, Any], workdir: Path) -> None:
     out = workdir / "ddp"
@@ -182,6 +203,7 @@ def test_two_processes_write_one_checkpoint_and_end_with_identical_replicas(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_validation_loss_is_close_to_one_process_over_the_same_global_batch(
         ddp_run: dict[str, Any], workdir: Path) -> None:
     threads = torch.get_num_threads()
@@ -199,18 +221,20 @@ def test_validation_loss_is_close_to_one_process_over_the_same_global_batch(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_sigterm_saves_once_and_resume_continues_bit_for_bit(ddp_run: dict[str, Any], workdir: Path) -> None:
     out = workdir / "killed"
     # the same run as ddp_run, stopped by SIGTERM as soon as it has logged its first steps
     proc = _launch(_torchrun_cmd(workdir / "toy.jsonl", out, workdir / "tiny.toml"), workdir / "killed")
-    deadline = time.monotonic() + 90
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (out / LOG_FILE).is_file() and (out / LOG_FILE).read_text().strip():
-            break
+    deadline = time.monotonic() + 600
+    logged = False
+    while not logged and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+        logged = (out / LOG_FILE).is_file() and bool((out / LOG_FILE).read_text().strip())
     assert proc.poll() is None, (workdir / "killed.err").read_text()[-3000:]
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
-    _, stopped = _finish(proc, workdir / "killed", timeout=60)
+    _, stopped = _finish(proc, workdir / "killed", timeout=120)
+    assert logged, "the run logged no step in time"
     saved = load_state(out)["step"]
     assert stopped["interrupted"] and stopped["step"] == saved
     assert stopped["replicas"]["identical"]
@@ -232,11 +256,12 @@ def test_sigterm_saves_once_and_resume_continues_bit_for_bit(ddp_run: dict[str, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_setup_error_on_rank_0_stops_every_rank_with_its_message(workdir: Path) -> None:
     out = workdir / "nothing-to-resume"
     proc = _launch(_torchrun_cmd(workdir / "toy.jsonl", out, workdir / "tiny.toml", "--resume"),
                    workdir / "error")
-    rc = proc.wait(timeout=60)
+    rc = _wait(proc, 600)
     err = (workdir / "error.err").read_text()
     assert rc != 0
     assert err.count("no training state to resume from") >= 2, err[-3000:]  # both ranks say why
