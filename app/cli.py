@@ -88,7 +88,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint or shipped_checkpoint_path())
     opts = DecodeOptions(strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
-                         no_repeat_ngram_size=3 if args.strategy == "beam" else 0)
+                         no_repeat_ngram_size=3)  # as the server does
     turns: list[str] = []
     K = ckpt.model.cfg.context_turns
     print(f"chatting with {ckpt.name} ({args.strategy}); an empty line or Ctrl-D ends, /new restarts")

@@ -109,7 +109,8 @@ def generation_metrics(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[
 
 def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS,
                    ) -> list[dict[str, str]]:
-    greedy = DecodeOptions(strategy="greedy", max_length=30)
+    # the server's defaults: no 3-gram said twice (greedy LSTMs love "cooking, cooking, cooking")
+    greedy = DecodeOptions(strategy="greedy", max_length=30, no_repeat_ngram_size=3)
     beam = DecodeOptions(strategy="beam", beam_size=5, max_length=30, no_repeat_ngram_size=3)
     return [{"prompt": p, "greedy": reply(model, tokenizer, [p], greedy),
              "beam": reply(model, tokenizer, [p], beam)} for p in prompts]
