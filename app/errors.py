@@ -111,10 +111,19 @@ def status_of(exc: ServiceError) -> tuple[int, str]:
 
 
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc]
+    """("body", "messages", 0, "content", "constrained-str") -> "messages.0.content".
+
+    Pydantic puts the union member tried (a type name) into the location; the
+    fields of this API are snake_case identifiers, so anything else is dropped."""
+    parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
-    return ".".join(parts) or "body"
+    kept = [str(p) for p in parts if isinstance(p, int) or (
+        str(p).isidentifier() and str(p) == str(p).lower() and str(p) not in _TYPE_TAGS)]
+    return ".".join(kept) or "body"
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
 def _short(value: Any) -> str:
@@ -137,13 +146,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         pos = next(e["loc"][-1] for e in errors if e.get("type") == "json_invalid")
         return error_json(400, f"the body is not valid JSON (at character {pos})",
                           "invalid_request_error", code="invalid_json")
-    details = []
+    by_field: dict[str, list[str]] = {}
     for e in errors:
-        field = _field(tuple(e.get("loc", ())))
         msg = str(e.get("msg", "invalid value"))
         if e.get("type") not in ("missing", "extra_forbidden") and "input" in e:
             msg = f"{msg} (got {_short(e['input'])})"
-        details.append(FieldError(param=field, message=msg))
+        messages = by_field.setdefault(_field(tuple(e.get("loc", ()))), [])
+        if msg not in messages:
+            messages.append(msg)
+    # a value that fits no member of a union fails once per member: one entry, "... or ..."
+    details = [FieldError(param=f, message=" or ".join(m)) for f, m in by_field.items()]
     first = details[0]
     message = f"{first.param}: {first.message}"
     if len(details) > 1:

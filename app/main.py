@@ -15,6 +15,7 @@ from .engine import ChatEngine, EngineConfig
 from .errors import error_responses, install_error_handlers
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import BodyLimitMiddleware
+from .ratelimit import RateLimiter, RateLimitMiddleware, document_rate_limit
 from .routes import chat, health, openai, page
 from .routes.common import api_key_check
 from .settings import Settings
@@ -78,6 +79,10 @@ def create_app(settings: Settings | None = None, engine: ChatEngine | None = Non
     app.include_router(page.router)
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.rate_limit_per_minute:  # outside the body check, inside CORS and metrics
+        app.add_middleware(RateLimitMiddleware, limiter=RateLimiter(settings.rate_limit_per_minute),
+                           api_key=key)
+        document_rate_limit(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],

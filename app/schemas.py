@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 STRATEGIES = ("greedy", "beam", "sample")
 Strategy = Literal["greedy", "beam", "sample"]
@@ -23,6 +23,22 @@ INPUT_TEXT: dict[str, Any] = {"x-input-text": True}
 MAX_TURNS = 256  # history / messages items
 MAX_BEAM = 16
 MAX_TOKENS = 256
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 7.0 as an integer, so it is one here (7); "7", true and 7.5 are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Bounded(lo: int, hi: int) -> Any:  # a type factory, named like a type
+    """An integer in [lo, hi], written inside the type so that the bounds reach the
+    schema of an optional field too."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
+MIN_TOP_P = 1e-6  # smaller masses underflow float32 to 0 and would leave no token to sample
 
 
 class Strict(BaseModel):
@@ -62,14 +78,14 @@ class ChatRequest(Strict):
                                 description="Earlier turns, oldest first; the model sees the last "
                                             "few (its `context_turns`, message included)")
     strategy: Strategy = Field("greedy", description="greedy, beam (n-best) or sample")
-    beam_size: int = Field(5, ge=1, le=MAX_BEAM, description="Beam width (beam only); raised to "
+    beam_size: Bounded(1, MAX_BEAM) = Field(5, description="Beam width (beam only); raised to "
                                                              "n_best when smaller")
-    n_best: int = Field(1, ge=1, le=MAX_BEAM, description="Candidates to return: the n best beams, "
+    n_best: Bounded(1, MAX_BEAM) = Field(1, description="Candidates to return: the n best beams, "
                                                          "or n samples; greedy gives one")
-    max_length: int = Field(40, ge=1, le=MAX_TOKENS, description="Reply length cap in tokens")
+    max_length: Bounded(1, MAX_TOKENS) = Field(40, description="Reply length cap in tokens")
     length_penalty: float = Field(0.6, ge=0.0, le=5.0,
                                   description="GNMT length penalty alpha for scores; 0 disables")
-    no_repeat_ngram_size: int = Field(3, ge=0, le=10,
+    no_repeat_ngram_size: Bounded(0, 10) = Field(3,
                                       description="Forbid repeating any n-gram of this size; 0 off")
     temperature: float = Field(1.0, ge=0.01, le=5.0, description="Sampling temperature (sample only)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sample only)")
@@ -123,10 +139,10 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1, max_length=MAX_TURNS)
     model: str | None = Field(None, max_length=256,
                               description="Any name is accepted; the served model answers")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Default 40")
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
+    max_tokens: Bounded(1, MAX_TOKENS) | None = Field(None, description="Default 40")
+    max_completion_tokens: Bounded(1, MAX_TOKENS) | None = Field(None,
                                               description="Alias of max_tokens")
-    n: int = Field(1, ge=1, le=MAX_BEAM, description="Choices: n-best beams (temperature 0 or "
+    n: Bounded(1, MAX_BEAM) = Field(1, description="Choices: n-best beams (temperature 0 or "
                                                     "unset) or n samples (temperature > 0)")
     temperature: float | None = Field(None, ge=0.0, le=2.0,
                                       description="0 or unset: deterministic (greedy, or beam when "
@@ -135,10 +151,10 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     strategy: Strategy | None = Field(None, description="Extra: force greedy, beam or sample")
-    beam_size: int | None = Field(None, ge=1, le=MAX_BEAM, description="Extra: beam width; > 1 "
+    beam_size: Bounded(1, MAX_BEAM) | None = Field(None, description="Extra: beam width; > 1 "
                                                                       "selects beam search")
     length_penalty: float | None = Field(None, ge=0.0, le=5.0, description="Extra: default 0.6")
-    no_repeat_ngram_size: int | None = Field(None, ge=0, le=10, description="Extra: default 3")
+    no_repeat_ngram_size: Bounded(0, 10) | None = Field(None, description="Extra: default 3")
 
 
 class AssistantMessage(BaseModel):

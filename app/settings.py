@@ -18,7 +18,9 @@ def available_cores() -> int:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHATBOT_", extra="ignore", frozen=True)
+    # env_ignore_empty: `VAR=` (as compose passes an unset variable) means the default
+    model_config = SettingsConfigDict(env_prefix="CHATBOT_", extra="ignore", frozen=True,
+                                      env_ignore_empty=True)
 
     checkpoint: Path | None = Field(None, description="Checkpoint directory; unset: the shipped model")
     host: str = "127.0.0.1"
@@ -32,6 +34,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Deadline per request (504)")
     max_input_chars: int = Field(2000, ge=1, le=100_000, description="Characters per message (422)")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413)")
+    rate_limit_per_minute: int = Field(0, ge=0, le=1_000_000,
+                                       description="API requests a minute per API key or client "
+                                                   "address (429 + Retry-After); 0: off")
     num_threads: int = Field(0, ge=0, description="torch threads for the model; 0: all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int | None = Field(None, description="Seed of the sampling generator; unset: random")

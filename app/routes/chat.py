@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from model.decoding import DecodeOptions
 
 from ..errors import error_responses
-from ..schemas import Candidate, ChatRequest, ChatResponse, Usage
+from ..schemas import MIN_TOP_P, Candidate, ChatRequest, ChatResponse, Usage
 from .common import EngineDep, SettingsDep, check_length, distinct, replies, unless_disconnected
 
 router = APIRouter(tags=["chat"])
@@ -26,7 +26,7 @@ def decode_options(req: ChatRequest) -> DecodeOptions:
         return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
     if req.strategy == "sample":
         return DecodeOptions(strategy="sample", beam_size=1, n_best=req.n_best,
-                             temperature=req.temperature, top_p=req.top_p, **common)
+                             temperature=req.temperature, top_p=max(req.top_p, MIN_TOP_P), **common)
     return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
 
 

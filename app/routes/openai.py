@@ -28,6 +28,7 @@ from model.decoding import DecodeOptions
 from ..engine import ChatEngine, Completion, Ticket
 from ..errors import NotFound, ServiceError, error_responses, status_of
 from ..schemas import (
+    MIN_TOP_P,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -63,7 +64,7 @@ def decode_options(req: ChatCompletionRequest) -> DecodeOptions:
     if strategy == "sample":
         return DecodeOptions(strategy="sample", beam_size=1, n_best=req.n,
                              temperature=max(req.temperature or 1.0, 0.01),
-                             top_p=req.top_p or 1.0, **common)
+                             top_p=max(req.top_p or 1.0, MIN_TOP_P), **common)
     return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
 
 
@@ -182,13 +183,18 @@ async def _whole_events(completion: Completion, chosen: list[Reply], chunks: _Ch
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# OpenAPI 3.1 reads the schema of an event stream as the schema of one event.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "A chat.completion.chunk as JSON, an {\"error\": ...} "
+                                              "object, or [DONE] to end the stream"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
 @router.post(
     "/v1/chat/completions", response_model=ChatCompletion,
     responses={200: {"description": "A chat.completion, or with `stream` a text/event-stream of "
                                     "chat.completion.chunk events ending in `data: [DONE]`",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                     "content": {"text/event-stream": {"schema": SSE_EVENT}}},
                **error_responses(400, 413, 415, 422, 429, 500, 503, 504)},
 )
 async def chat_completions(req: ChatCompletionRequest, request: Request, engine: EngineDep,
@@ -211,6 +217,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
         # Wait for the first token before answering 200, so that a deadline or a
         # failure while queued still gets its own status.
         first = await unless_disconnected(request, anext(tokens, None))
+        if first is None:  # ended before any token: a failure raises here, with its status
+            await unless_disconnected(request, ticket.result())
         events = _token_events(engine, ticket, tokens, first, chunks, include_usage)
     else:
         completion = await unless_disconnected(request, ticket.result())

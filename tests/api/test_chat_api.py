@@ -25,7 +25,8 @@ async def test_greedy_reply_is_the_models_reply(client: httpx.AsyncClient, ckpt:
     assert r.status_code == 200
     body = r.json()
     assert body["reply"] == reference(ckpt, ["do you like cats"], _opts())[0]
-    assert body["candidates"] == [{"text": body["reply"], "score": pytest.approx(body["candidates"][0]["score"])}]
+    [candidate] = body["candidates"]
+    assert candidate["text"] == body["reply"] and candidate["score"] < 0
     assert body["strategy"] == "greedy" and body["model"] == "tiny"
     assert body["usage"]["prompt_tokens"] == len(ckpt.tokenizer.encode("do you like cats"))
     assert body["usage"]["completion_tokens"] >= 1 and body["latency_ms"] > 0
@@ -80,7 +81,7 @@ async def test_sampling_returns_distinct_samples(client: httpx.AsyncClient) -> N
     ({"message": "hi", "beam_size": 17}, "beam_size"),
     ({"message": "hi", "beam_size": "5"}, "beam_size"),
     ({"message": "hi", "max_length": True}, "max_length"),
-    ({"message": "hi", "max_length": 2.0}, "max_length"),
+    ({"message": "hi", "max_length": 2.5}, "max_length"),
     ({"message": "hi", "temperature": "1"}, "temperature"),
     ({"message": "hi", "top_p": 0}, "top_p"),
     ({"message": "hi", "strategy": "best"}, "strategy"),
@@ -148,7 +149,7 @@ async def test_bodies_over_the_limit_get_413(make_app) -> None:
 
 
 async def test_32_concurrent_greedy_requests_equal_the_sequential_replies(make_app) -> None:
-    app, engine = make_app(max_batch_size=64)
+    app, _ = make_app(max_batch_size=64)
     bodies = [{"message": PROMPTS[i % len(PROMPTS)], "max_length": 10 + i % 5} for i in range(32)]
     async with serving(app) as client:
         sequential = []
@@ -192,7 +193,8 @@ async def test_a_request_past_its_deadline_gets_504(make_app, gate: Gate) -> Non
         gate.opened.set()
         while engine.active_requests:
             await asyncio.sleep(0.01)
-        assert (await client.post("/api/chat", json={"message": "hello"})).status_code == 200
+        # the rows were dropped and the engine carries on (no deadline here: the machine may be slow)
+        assert (await engine.generate([5, 6], _opts())).hypotheses and engine.ready
 
 
 async def test_not_ready_answers_503(make_app) -> None:
@@ -210,3 +212,16 @@ async def test_unknown_paths_and_methods_get_json_errors(client: httpx.AsyncClie
     assert r.status_code == 404 and r.json()["error"]["message"]
     r = await client.get("/api/chat")
     assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+async def test_edge_values_inside_the_bounds_are_served(client: httpx.AsyncClient) -> None:
+    # 7.0 is an integer to JSON Schema; the smallest top_p must still leave a token to sample
+    r = await client.post("/api/chat", json={"message": "hi", "strategy": "beam", "beam_size": 3.0,
+                                             "n_best": 2.0})
+    assert r.status_code == 200 and len(r.json()["candidates"]) <= 2
+    r = await client.post("/api/chat", json={"message": "hi", "strategy": "sample", "top_p": 5e-324,
+                                             "temperature": 0.01, "max_length": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "tool"}], "top_p": 5e-324,
+                                                        "strategy": "sample", "n": 2.0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2

@@ -115,6 +115,8 @@ async def test_beam_options_ride_along_as_extra_fields(client: httpx.AsyncClient
     ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content"),
 ])
 async def test_invalid_completion_requests_get_422(client: httpx.AsyncClient, body: dict, field: str) -> None:
     r = await client.post("/v1/chat/completions", json=body)

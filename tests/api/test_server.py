@@ -74,7 +74,7 @@ def test_chatbot_serve_answers_then_stops_cleanly_on_sigterm(tiny_checkpoint: Pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             try:
@@ -87,7 +87,10 @@ def test_chatbot_serve_answers_then_stops_cleanly_on_sigterm(tiny_checkpoint: Pa
         r = httpx.post(f"{url}/api/chat", json={"message": "hello"}, timeout=10)
         assert r.status_code == 200 and r.json()["reply"]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        # uvicorn shuts down gracefully, then re-raises the signal it caught, as Unix expects
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert "Traceback" not in output and "ERROR" not in output
     finally:
         if proc.poll() is None:
             proc.kill()
