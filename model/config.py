@@ -7,10 +7,11 @@ serving rebuilds the network without any of the training setup.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, cfg: ModelConfig) 
         if not tgt:
             continue
         src = tokenizer.encode_context(pair.context, cfg.max_source_len)
-        examples.append((src, tgt + [EOS_ID]))
+        examples.append((src, [*tgt, EOS_ID]))
     return examples
 
 

@@ -80,7 +80,7 @@ def ban_repeated_ngrams(logp: Tensor, seqs: Tensor, lengths: Tensor, n: int) -> 
     """Forbid (in place) every token that would complete an n-gram already in the row."""
     R, M = seqs.shape
     V = logp.shape[1]
-    if n < 1 or M < n:
+    if n < 1 or n > M:
         return
     windows = seqs.unfold(1, n, 1)  # (R, W, n), W = M - n + 1
     starts = torch.arange(windows.shape[1], device=seqs.device)

@@ -18,9 +18,9 @@ from model.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from model.network import Seq2Seq
 from model.tokenizer import Tokenizer
 
-WORDS = ("hello hi how are you fine thanks good morning evening what is your name my name bot "
-         "do like cats dogs music movies food pizza tea coffee yes no maybe today weather sunny "
-         "rain cold warm nice great bad day night see later bye").split()
+WORDS = tuple(
+    ["hello", "hi", "how", "are", "you", "fine", "thanks", "good", "morning", "evening", "what", "is", "your", "name", "my", "name", "bot", "do", "like", "cats", "dogs", "music", "movies", "food", "pizza", "tea", "coffee", "yes", "no", "maybe", "today", "weather", "sunny", "rain", "cold", "warm", "nice", "great", "bad", "day", "night", "see", "later", "bye"]
+)
 
 GREETINGS = [
     ("hello", "hi how are you"), ("hi", "hello nice day"), ("how are you", "fine thanks and you"),

@@ -51,7 +51,7 @@ def test_a_pickle_posing_as_weights_is_refused_without_running_it(tiny_model, ti
         weights.write_bytes(pickle.dumps(Boom()))
     else:
         torch.save({"w": Boom()}, weights)
-    with pytest.raises(CheckpointError, match="model.safetensors") as err:
+    with pytest.raises(CheckpointError, match=r"model\.safetensors") as err:
         load_checkpoint(tmp_path / "ck")
     assert "pickle" in str(err.value)
     assert not (tmp_path / "PWNED").exists()
@@ -61,7 +61,7 @@ def test_truncated_weights_are_refused_naming_the_file(tiny_model, tiny_tokenize
     save_checkpoint(tmp_path / "ck", tiny_model, tiny_tokenizer)
     weights = tmp_path / "ck" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         load_checkpoint(tmp_path / "ck")
 
 
@@ -104,7 +104,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path) -> None:
     atomic_write_text(target, '{"old": true}')
 
     def failing(tmp: str) -> None:
-        open(tmp, "w").write('{"half')
+        with open(tmp, "w") as f:
+            f.write('{"half')
         raise OSError("disk full")
 
     from model.checkpoint import atomic_write

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from model.config import ModelConfig
 from model.corpus import CorpusError, load_corpora, load_spec, make_pairs, split_conversations
 from model.data import encode_pairs
-from model.config import ModelConfig
 from tests.conftest import toy_conversations, write_jsonl, write_tsv
 
 
