@@ -18,8 +18,11 @@ from model.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from model.network import Seq2Seq
 from model.tokenizer import Tokenizer
 
-WORDS = tuple(
-    ["hello", "hi", "how", "are", "you", "fine", "thanks", "good", "morning", "evening", "what", "is", "your", "name", "my", "name", "bot", "do", "like", "cats", "dogs", "music", "movies", "food", "pizza", "tea", "coffee", "yes", "no", "maybe", "today", "weather", "sunny", "rain", "cold", "warm", "nice", "great", "bad", "day", "night", "see", "later", "bye"]
+WORDS = (
+    "hello", "hi", "how", "are", "you", "fine", "thanks", "good", "morning", "evening", "what",
+    "is", "your", "name", "my", "name", "bot", "do", "like", "cats", "dogs", "music", "movies",
+    "food", "pizza", "tea", "coffee", "yes", "no", "maybe", "today", "weather", "sunny", "rain",
+    "cold", "warm", "nice", "great", "bad", "day", "night", "see", "later", "bye",
 )
 
 GREETINGS = [
