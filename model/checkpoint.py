@@ -7,6 +7,7 @@ leaves the previous file whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -55,12 +56,17 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is read by other users (containers)
         os.replace(tmp, path)
-    except BaseException:
-        try:
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        if not isinstance(exc, Exception):
+            raise
+        # torch.save and safetensors report a full disk without the file (torch not even
+        # as an OSError): say which file could not be written, as an OSError.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        errno = exc.errno if isinstance(exc, OSError) else None
+        message = f"cannot write {path}: {reason}"
+        raise (OSError(errno, message) if errno else OSError(message)) from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:

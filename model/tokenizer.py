@@ -24,12 +24,15 @@ _SPACE = re.compile(r"\s+")
 
 
 def normalize(text: str, *, lowercase: bool = False) -> str:
-    """NFKC, control characters and lone surrogates dropped, whitespace collapsed."""
+    """NFKC, control characters, lone surrogates and U+FFFD dropped, whitespace collapsed.
+
+    U+FFFD (the replacement character) is dropped because decode() removes it: it is what
+    a split multi-byte character decodes to, so keeping it here would break round trips."""
     text = unicodedata.normalize("NFKC", text)
     text = "".join(
         " " if ch.isspace() else ch
         for ch in text
-        if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cs", "Co", "Cn")
+        if ch.isspace() or (ch != "\ufffd" and unicodedata.category(ch) not in ("Cc", "Cs", "Co", "Cn"))
     )
     text = _SPACE.sub(" ", text).strip()
     return text.lower() if lowercase else text
