@@ -100,10 +100,15 @@ class Ticket:
 
     def cancel(self) -> None:
         """Drop the request (queued or decoding); safe to call more than once."""
-        if not self._job.future.done():
+        future = self._job.future
+        if not future.done():
             self._job.cancelled = True
-            self._job.future.cancel()
+            future.cancel()
             self._engine._wake()
+        elif not future.cancelled():
+            # The worker failed it (e.g. its deadline) just before the caller gave up on it:
+            # mark the error read, or asyncio logs "Future exception was never retrieved".
+            future.exception()
 
     async def result(self) -> Completion:
         try:

@@ -29,6 +29,24 @@ def _settings_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _graceful_server_class() -> type:
+    import contextlib
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies
+        "by signal". A drained, clean stop is a success for an operator: exit 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return GracefulServer
+
+
 def serve(checkpoint: Path | None = None, host: str | None = None, port: int | None = None) -> int:
     import uvicorn
 
@@ -57,6 +75,6 @@ def serve(checkpoint: Path | None = None, host: str | None = None, port: int | N
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
                             proxy_headers=False)
-    server = uvicorn.Server(config)
+    server = _graceful_server_class()(config)
     server.run()
     return 0 if server.started else 1

@@ -64,9 +64,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         # torch.save and safetensors report a full disk without the file (torch not even
         # as an OSError): say which file could not be written, as an OSError.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        errno = exc.errno if isinstance(exc, OSError) else None
-        message = f"cannot write {path}: {reason}"
-        raise (OSError(errno, message) if errno else OSError(message)) from exc
+        error = OSError(f"cannot write {path}: {reason}")
+        error.errno = exc.errno if isinstance(exc, OSError) else None
+        raise error from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -87,8 +87,8 @@ def test_chatbot_serve_answers_then_stops_cleanly_on_sigterm(tiny_checkpoint: Pa
         r = httpx.post(f"{url}/api/chat", json={"message": "hello"}, timeout=10)
         assert r.status_code == 200 and r.json()["reply"]
         proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal it caught, as Unix expects
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # a graceful stop is a success: exit 0, not death by the signal uvicorn caught
+        assert proc.wait(timeout=30) == 0
         output = proc.stdout.read().decode() if proc.stdout else ""
         assert "Traceback" not in output and "ERROR" not in output
     finally:
