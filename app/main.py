@@ -31,9 +31,14 @@ def engine_config(settings: Settings) -> EngineConfig:
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
     """Load the checkpoint (slow: call off the event loop) and wrap it in an engine."""
     from model.checkpoint import load_checkpoint
+    from model.fastpath import make_step
 
     checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
-    return ChatEngine(checkpoint, engine_config(settings), metrics=metrics)
+    step = None
+    if settings.fast_decoder or settings.quantize != "none":
+        quantize = None if settings.quantize == "none" else settings.quantize
+        step = make_step(checkpoint.model, quantize=quantize)
+    return ChatEngine(checkpoint, engine_config(settings), step=step, metrics=metrics)
 
 
 def create_app(settings: Settings | None = None, engine: ChatEngine | None = None) -> FastAPI:

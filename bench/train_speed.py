@@ -1,0 +1,121 @@
+"""Training speed: this project's trainer against the tutorial's step-by-step loop, in one run.
+
+    python bench/train_speed.py            # 3,000 chitchat pairs, one pass each
+    python bench/train_speed.py --quick    # 600 pairs
+
+Both train the same model (E=256, H=512, 2 layers, output vocabulary 8,000, dropout
+0.1, from the same initial weights) on the same pairs (the first conversations of
+the chitchat corpus, shuffled with a fixed seed, context of 2 turns), with AdamW and
+gradient clipping, forward + backward + update:
+
+- project: `model.training.Trainer`'s own step (`batch_loss`: the whole shifted target
+  in one fused LSTM call, the output layer only over real tokens) on length-bucketed
+  batches (`make_batches`, 64 pairs or 4,096 tokens at most).
+- tutorial: bench/tutorial.py's loop: one decoder call per time step, softmax and a
+  masked NLL per step, batches of 64 drawn at random and padded to their longest pair,
+  a packed bidirectional encoder.
+
+Figures are target tokens per second (real tokens, end-of-reply included, padding not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import tutorial
+from common import available_cores, machine_line, table
+
+from model.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
+from model.corpus import load_corpora, make_pairs
+from model.data import collate, encode_pairs, make_batches
+from model.network import Seq2Seq
+from model.tokenizer import Tokenizer
+from model.training import Corpus, Trainer
+
+
+def load_slice(n_pairs: int, context_turns: int, vocab_size: int, seed: int) -> tuple[Tokenizer, list]:
+    convs = load_corpora("chitchat")
+    random.Random(seed).shuffle(convs)
+    chosen, pairs = [], []
+    for conv in convs:
+        chosen.append(conv)
+        pairs += make_pairs([conv], context_turns)
+        if len(pairs) >= n_pairs:
+            break
+    pairs = pairs[:n_pairs]
+    tokenizer = Tokenizer.train([t for c in chosen for t in c], vocab_size=vocab_size, min_frequency=2)
+    return tokenizer, pairs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="600 pairs")
+    p.add_argument("--pairs", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args()
+    n_pairs = 600 if args.quick else args.pairs
+    torch.set_num_threads(args.threads)
+
+    mcfg = ModelConfig(vocab_size=8000, embedding_dim=256, hidden_size=512, num_layers=2, dropout=0.1)
+    started = time.perf_counter()
+    tokenizer, pairs = load_slice(n_pairs, mcfg.context_turns, mcfg.vocab_size, args.seed)
+    examples = encode_pairs(pairs, tokenizer, mcfg)
+    n_tokens = sum(len(t) for _, t in examples)
+    print(f"# train speed: E={mcfg.embedding_dim} H={mcfg.hidden_size} L={mcfg.num_layers} "
+          f"V={mcfg.vocab_size}, "
+          f"{len(examples)} chitchat pairs ({n_tokens} target tokens, tokenizer of {tokenizer.vocab_size} "
+          f"trained on them; data ready in {time.perf_counter() - started:.0f} s)")
+    print(f"# {machine_line()}\n")
+
+    cfg = RunConfig(model=mcfg, tokenizer=TokenizerConfig(vocab_size=mcfg.vocab_size),
+                    train=TrainConfig(batch_size=args.batch_size, max_batch_tokens=4096, warmup_steps=10,
+                                      num_threads=args.threads, seed=args.seed))
+    results = {}
+
+    # The project's trainer, its own step function on its own batches.
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Corpus(tokenizer, examples, examples[:8], [], {}), Path(tmp), progress=False)
+        trainer.model.train()
+        batches = make_batches(examples, batch_size=args.batch_size, max_tokens=4096, seed=args.seed)
+        for idx in batches[: args.warmup]:
+            trainer._train_step(collate([examples[i] for i in idx]))
+        start, tokens = time.perf_counter(), 0
+        for idx in batches:
+            batch = collate([examples[i] for i in idx])
+            trainer._train_step(batch)
+            tokens += batch.num_tokens
+        results["project"] = (tokens, time.perf_counter() - start, len(batches))
+        print(f"  project : {len(batches)} batches, {results['project'][1]:.1f} s", flush=True)
+
+    # The tutorial's loop, same initial weights, random unbucketed batches.
+    torch.manual_seed(args.seed)
+    tut = tutorial.TutorialSeq2Seq(Seq2Seq(mcfg)).train()
+    opt = torch.optim.AdamW(tut.parameters(), lr=cfg.train.learning_rate, betas=(0.9, 0.98))
+    order = list(range(len(examples)))
+    random.Random(args.seed).shuffle(order)
+    chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    for idx in chunks[: args.warmup]:
+        tutorial.train_step(tut, opt, [examples[i] for i in idx])
+    start, tokens = time.perf_counter(), 0
+    for idx in chunks:
+        tokens += tutorial.train_step(tut, opt, [examples[i] for i in idx])
+    results["tutorial"] = (tokens, time.perf_counter() - start, len(chunks))
+    print(f"  tutorial: {len(chunks)} batches, {results['tutorial'][1]:.1f} s\n", flush=True)
+
+    tut_tps = results["tutorial"][0] / results["tutorial"][1]
+    print(table(["trainer", "batches", "seconds", "target tok/s", "vs tutorial"], [
+        [name, n_batches, secs, toks / secs, toks / secs / tut_tps]
+        for name, (toks, secs, n_batches) in results.items()]))
+    print(f"\n# finished {time.strftime('%Y-%m-%d %H:%M')}; {machine_line()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""A fast decoder step for serving: the same function as `Seq2Seq.step`, in fewer, cheaper ops.
+
+At batch 1 a decoder step is a handful of matrix-vector products (about 24 MB of
+float32 weights at the shipped size) wrapped in dozens of small ops; eager
+`nn.LSTM` + `nn.Linear` code spends more time dispatching those small ops than
+reading the weights. `FastDecoder` is built once from a loaded model and keeps:
+
+- per LSTM layer one fused gate matrix `[W_ih; W_hh]^T` (In+H, 4H), stored
+  transposed and contiguous for `torch.addmm`, with the two biases summed and the
+  gate columns reordered to (i, f, o, g) so that one sigmoid covers three gates;
+- the attention keys the encoder already projected (`EncoderOutput.keys`);
+- `W_c^T`, the bottleneck `W_b^T` and the tied output layer (the embedding,
+  pre-transposed to (E, V)), each one `addmm`/`mm`;
+- the new state written in place into freshly allocated (L, R, H) tensors instead
+  of being stacked.
+
+The log-softmax stays: beam search needs real log-probabilities and greedy search
+is indifferent to it, and it costs little next to the output product. Float32
+results match `model.inference.step_rows` to rounding (tests/model/test_fastpath.py
+checks greedy and beam outputs are identical).
+
+`quantize="int8"` swaps every matrix for an int8 one with per-output-channel scales
+(model/quantize.py): a quarter of the bytes to read at batch 1, int8 GEMMs at
+large batch. The encoder then runs as torch.ao's dynamically quantized LSTMs, about
+twice as fast as float32 at batch 1 (its recurrence, like the decoder step, is bound
+by weight reads). It is CPU only and changes scores slightly (docs/PERFORMANCE.md
+has the perplexity change).
+
+torch.compile and TorchScript were left out: the step's cost is the products and
+the search's own per-step work, and neither helps those on CPU enough to pay for
+recompiling on every new (rows, source length) shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .decoding import DecodeOptions, Hypothesis, decode
+from .inference import DecoderRows, encode_sources
+from .network import EncoderOutput, Seq2Seq
+from .quantize import Int8Linear, quantize_dynamic_int8
+
+StepFn = Callable[[Tensor, DecoderRows], tuple[Tensor, DecoderRows]]
+QUANTIZE_MODES = (None, "int8")
+
+
+class DenseLinear:
+    """y = x @ W^T + b with W^T stored contiguous: the layout `addmm` reads fastest at small batch."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        self.weight_t = weight.detach().t().contiguous()  # (in, out)
+        self.bias = None if bias is None else bias.detach().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.bias is None:
+            return torch.mm(x, self.weight_t)
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.weight_t.numel() * self.weight_t.element_size()
+        return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+Linear = DenseLinear | Int8Linear
+
+
+def _ifog(t: Tensor, H: int) -> Tensor:
+    """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g)."""
+    return torch.cat([t[: 2 * H], t[3 * H:], t[2 * H: 3 * H]])
+
+
+class FastDecoder:
+    """Precomputed weights and a lean `step` for one loaded model (rebuild it if the weights change)."""
+
+    def __init__(self, model: Seq2Seq, quantize: str | None = None) -> None:
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, not {quantize!r}")
+        self.model = model
+        self.quantize = quantize
+        self.device = model.embedding.weight.device
+        if quantize == "int8" and self.device.type != "cpu":
+            raise ValueError("int8 quantization runs on CPU only")
+        cfg = model.cfg
+        self.L, self.H = cfg.num_layers, cfg.hidden_size
+
+        def make(weight: Tensor, bias: Tensor | None = None) -> Linear:
+            return Int8Linear(weight, bias) if quantize == "int8" else DenseLinear(weight, bias)
+
+        with torch.no_grad():
+            dec = model.decoder
+            self.gates: list[Linear] = []
+            for layer in range(self.L):
+                w = torch.cat([getattr(dec, f"weight_ih_l{layer}"), getattr(dec, f"weight_hh_l{layer}")], 1)
+                b = getattr(dec, f"bias_ih_l{layer}") + getattr(dec, f"bias_hh_l{layer}")
+                self.gates.append(make(_ifog(w, self.H), _ifog(b, self.H)))  # (4H, In+H)
+            self.combine = make(model.combine.weight)  # (H, 2H)
+            self.bottleneck: Linear | None = (make(model.bottleneck.weight)
+                                              if isinstance(model.bottleneck, torch.nn.Linear) else None)
+            if model.out is not None:
+                self.out = make(model.out.weight, model.out.bias)
+            else:  # tied: the embedding is the output matrix
+                self.out = make(model.embedding.weight, model.out_bias)
+            self.embedding = model.embedding.weight.detach()  # (V, E), looked up, never copied
+        self.encoder_model = quantize_dynamic_int8(model) if quantize == "int8" else model
+
+    # -- the step -------------------------------------------------------------------
+    def step(self, tokens: Tensor, rows: DecoderRows) -> tuple[Tensor, DecoderRows]:
+        """tokens (R,), rows -> log-probs (R, V) and the rows' new state."""
+        if torch.is_inference_mode_enabled():
+            return self._step(tokens, rows)
+        with torch.inference_mode():
+            return self._step(tokens, rows)
+
+    def _step(self, tokens: Tensor, rows: DecoderRows) -> tuple[Tensor, DecoderRows]:
+        H = self.H
+        h, c = rows.state  # (L, R, H) each
+        enc = rows.enc
+        h_new = torch.empty_like(h)
+        c_new = torch.empty_like(c)
+        x = self.embedding.index_select(0, tokens)  # (R, E)
+        for layer, gates_of in enumerate(self.gates):
+            gates = gates_of(torch.cat([x, h[layer]], 1))  # (R, 4H): i f o | g
+            sig = gates[:, : 3 * H].sigmoid()  # (R, 3H)
+            g = gates[:, 3 * H:].tanh()
+            torch.addcmul(sig[:, H: 2 * H] * c[layer], sig[:, :H], g, out=c_new[layer])
+            torch.mul(sig[:, 2 * H:], c_new[layer].tanh(), out=h_new[layer])
+            x = h_new[layer]  # (R, H)
+        scores = torch.bmm(enc.keys, x.unsqueeze(2)).squeeze(2)  # (R, S)
+        weights = torch.where(enc.mask, scores, float("-inf")).softmax(1)
+        context = torch.bmm(weights.unsqueeze(1), enc.memory).squeeze(1)  # (R, H)
+        feats = self.combine(torch.cat([context, x], 1)).tanh_()  # (R, H)
+        if self.bottleneck is not None:
+            feats = self.bottleneck(feats)  # (R, E)
+        logits = self.out(feats)  # (R, V)
+        return torch.log_softmax(logits.float(), dim=1), DecoderRows(state=(h_new, c_new), enc=enc)
+
+    # -- around the step -----------------------------------------------------------------
+    def encode(self, sources: Sequence[Sequence[int]]) -> DecoderRows:
+        """One row per source: the reference `encode_sources` (fused LSTM calls over the
+        whole source), on the int8 copy of the model when quantized."""
+        model = self.encoder_model
+        was_training = model.training
+        model.eval()  # no dropout, whatever mode the caller left the model in
+        try:
+            return encode_sources(model, sources)
+        finally:
+            model.train(was_training)
+
+    @staticmethod
+    def select(rows: DecoderRows, index: Tensor) -> DecoderRows:
+        """Reorder rows after a search step, copying the encoder output only when needed.
+
+        A reorder that keeps the number of rows only moves rows within an item (beam
+        search picks each item's new beams among its own), and every row of an item
+        holds the same encoder output, so only the recurrent state moves. When items
+        finish the rows shrink and everything is gathered, as `DecoderRows.index_select`.
+        """
+        h, c = rows.state
+        if index.numel() != h.shape[1]:
+            return rows.index_select(index)
+        return DecoderRows(state=(h.index_select(1, index), c.index_select(1, index)), enc=rows.enc)
+
+    @torch.inference_mode()
+    def generate(self, sources: Sequence[Sequence[int]], opts: DecodeOptions,
+                 generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+        """`model.inference.generate` through the fast step: one hypothesis list per source."""
+        return decode(self.step, self.encode(sources), self.select,  # type: ignore[arg-type]
+                      batch_size=len(sources), opts=opts, device=self.device, generator=generator)
+
+    def matrix_bytes(self) -> int:
+        """Bytes of the weights one step reads (the embedding lookup reads R rows only)."""
+        mats: list[Linear] = [*self.gates, self.combine, self.out]
+        if self.bottleneck is not None:
+            mats.append(self.bottleneck)
+        return sum(m.nbytes for m in mats)
+
+
+def make_step(model: Seq2Seq, quantize: str | None = None) -> StepFn:
+    """The serving seam: a step callable with `model.inference.step_rows`'s contract."""
+    return FastDecoder(model, quantize=quantize).step
+
+
+def attention_bytes(enc: EncoderOutput) -> int:
+    """Bytes of encoder keys and memory one step reads for the rows of `enc`."""
+    return (enc.keys.numel() + enc.memory.numel()) * enc.keys.element_size()

@@ -1,0 +1,213 @@
+"""The fast decoder step computes what the reference step computes, and int8 stays close to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.config import ModelConfig
+from model.decoding import DecodeOptions
+from model.fastpath import FastDecoder, make_step
+from model.inference import DecoderRows, encode_sources, generate, step_rows
+from model.network import Seq2Seq
+from model.quantize import Int8Linear, quantize_dynamic_int8
+from model.tokenizer import BOS_ID
+
+SOURCES = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [20]]
+PROMPTS = [["hello"], ["how are you"], ["what is your name"], ["do you like cats"], ["good night"],
+           ["hi", "hello nice day", "do you like music"]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds synchronisation (and on a busy
+    machine, waits for a core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_model(seed: int, **overrides: object) -> Seq2Seq:
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": 120, "embedding_dim": 24, "hidden_size": 32, "num_layers": 2, "dropout": 0.2,
+           **overrides}
+    return Seq2Seq(ModelConfig(**cfg)).eval()  # type: ignore[arg-type]
+
+
+def run_both(model: Seq2Seq, fast: FastDecoder, rows: DecoderRows, steps: int = 6,
+             seed: int = 0) -> None:
+    """Feed both steps the same (random) tokens for a few steps and compare everything."""
+    gen = torch.Generator().manual_seed(seed)
+    R = rows.state[0].shape[1]
+    tokens = torch.full((R,), BOS_ID)
+    ref_rows, fast_rows = rows, rows
+    with torch.inference_mode():
+        for _ in range(steps):
+            ref_logp, ref_rows = step_rows(model, tokens, ref_rows)
+            fast_logp, fast_rows = fast.step(tokens, fast_rows)
+            assert fast_logp.shape == (R, model.cfg.vocab_size)
+            assert torch.allclose(fast_logp, ref_logp, atol=1e-5, rtol=0)
+            for ref_t, fast_t in zip(ref_rows.state, fast_rows.state, strict=True):
+                assert torch.allclose(fast_t, ref_t, atol=1e-5, rtol=0)
+            tokens = torch.randint(4, model.cfg.vocab_size, (R,), generator=gen)
+
+
+def hyp_tokens(results: list) -> list[list[list[int]]]:
+    return [[h.tokens for h in hyps] for hyps in results]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # tied output with a bottleneck (E != H)
+    {"embedding_dim": 32},  # tied, E == H: no bottleneck
+    {"tie_embeddings": False},
+    {"num_layers": 1},
+    {"num_layers": 3, "embedding_dim": 40},
+])
+def test_step_matches_the_reference_step_on_random_models(overrides) -> None:
+    model = random_model(1, **overrides)
+    run_both(model, FastDecoder(model), encode_sources(model, SOURCES))
+
+
+def test_step_matches_on_rows_joined_from_batches_with_different_source_lengths() -> None:
+    model = random_model(2)
+    a = encode_sources(model, SOURCES[:2])
+    b = encode_sources(model, [[30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]])
+    joined = DecoderRows.concatenate([a, b.index_select(torch.tensor([0, 0, 0]))])  # padded memory
+    run_both(model, FastDecoder(model), joined)
+
+
+@pytest.mark.parametrize("opts", [
+    DecodeOptions(strategy="greedy", max_length=12),
+    DecodeOptions(strategy="beam", beam_size=5, n_best=3, max_length=12),
+    DecodeOptions(strategy="beam", beam_size=3, max_length=10, no_repeat_ngram_size=2, min_length=3),
+])
+def test_searches_give_identical_results_on_random_models(opts) -> None:
+    for seed in (3, 4):
+        model = random_model(seed)
+        ref = generate(model, SOURCES, opts)
+        fast = FastDecoder(model).generate(SOURCES, opts)
+        assert hyp_tokens(fast) == hyp_tokens(ref)
+        for r, f in zip(ref, fast, strict=True):
+            assert [h.score for h in f] == pytest.approx([h.score for h in r], abs=1e-4)
+
+
+def test_sampling_with_the_same_seed_gives_the_same_samples() -> None:
+    model = random_model(5)
+    opts = DecodeOptions(strategy="sample", n_best=2, max_length=10, temperature=0.8, top_p=0.9)
+    ref = generate(model, SOURCES, opts, generator=torch.Generator().manual_seed(11))
+    fast = FastDecoder(model).generate(SOURCES, opts, generator=torch.Generator().manual_seed(11))
+    assert hyp_tokens(fast) == hyp_tokens(ref)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    sources = [ckpt.tokenizer.encode_context(p, ckpt.model.cfg.max_source_len) for p in PROMPTS]
+    return ckpt, sources
+
+
+@pytest.mark.parametrize("opts", [
+    DecodeOptions(strategy="greedy", max_length=16),
+    DecodeOptions(strategy="beam", beam_size=5, n_best=5, max_length=16),
+    DecodeOptions(strategy="beam", beam_size=4, n_best=2, max_length=16, no_repeat_ngram_size=3),
+])
+def test_the_trained_tiny_checkpoint_gives_identical_replies(trained, opts) -> None:
+    ckpt, sources = trained
+    ref = generate(ckpt.model, sources, opts)
+    fast = FastDecoder(ckpt.model).generate(sources, opts)
+    assert hyp_tokens(fast) == hyp_tokens(ref)
+    assert any(h.finished for hyps in ref for h in hyps)  # a trained model: replies end by themselves
+    run_both(ckpt.model, FastDecoder(ckpt.model), encode_sources(ckpt.model, sources))
+
+
+def test_make_step_has_the_step_rows_contract_and_leaves_its_input_alone(trained) -> None:
+    ckpt, sources = trained
+    step = make_step(ckpt.model)
+    rows = encode_sources(ckpt.model, sources)
+    before = [t.clone() for t in rows.state]
+    tokens = torch.full((len(sources),), BOS_ID)
+    logp, new_rows = step(tokens, rows)  # outside inference mode: the step enters it itself
+    assert logp.shape == (len(sources), ckpt.model.cfg.vocab_size)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(len(sources)), atol=1e-4)
+    assert new_rows.enc is rows.enc
+    assert all(torch.equal(a, b) for a, b in zip(before, rows.state, strict=True))
+    assert not torch.equal(new_rows.state[0], rows.state[0])
+
+
+def test_select_moves_only_the_state_on_a_reorder_and_everything_when_rows_shrink() -> None:
+    model = random_model(6)
+    rows = encode_sources(model, SOURCES[:2]).index_select(torch.tensor([0, 0, 1, 1]))
+    permuted = FastDecoder.select(rows, torch.tensor([1, 0, 3, 3]))
+    assert permuted.enc is rows.enc
+    assert torch.equal(permuted.state[0], rows.state[0][:, [1, 0, 3, 3]])
+    shrunk = FastDecoder.select(rows, torch.tensor([2, 3]))
+    assert shrunk.enc.memory.shape[0] == 2
+    assert torch.equal(shrunk.enc.memory, rows.enc.memory[2:])
+    assert torch.equal(shrunk.state[1], rows.state[1][:, 2:])
+
+
+def test_encode_never_applies_dropout_and_restores_the_mode() -> None:
+    model = random_model(7, dropout=0.5).train()
+    rows = FastDecoder(model).encode(SOURCES)
+    assert model.training
+    model.eval()
+    assert torch.equal(rows.enc.memory, encode_sources(model, SOURCES).enc.memory)
+
+
+def test_an_unknown_quantization_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="quantize"):
+        make_step(random_model(8), quantize="int4")
+
+
+def test_int8_linear_is_close_to_the_float_product() -> None:
+    torch.manual_seed(9)
+    weight, bias = torch.randn(64, 48) * 0.1, torch.randn(64)
+    weight[3] = 0.0  # an all-zero row (like the PAD embedding) must not break the scales
+    x = torch.randn(5, 48)
+    ref = x @ weight.T + bias
+    out = Int8Linear(weight, bias)(x)
+    assert out.shape == (5, 64)
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    assert torch.allclose(out[:, 3], bias[3].expand(5), atol=1e-2)
+    assert Int8Linear(weight).nbytes == 64 * (48 + 4)
+
+
+def test_int8_step_stays_close_and_keeps_the_trained_replies(trained) -> None:
+    ckpt, sources = trained
+    f32, i8 = FastDecoder(ckpt.model), FastDecoder(ckpt.model, quantize="int8")
+    assert i8.matrix_bytes() < f32.matrix_bytes() / 3
+    rows = encode_sources(ckpt.model, sources)
+    rows_i8 = i8.encode(sources)  # the int8 encoder (torch.ao's quantized LSTMs)
+    assert (rows_i8.enc.memory - rows.enc.memory).abs().max() < 0.05
+    assert not torch.equal(rows_i8.enc.memory, rows.enc.memory)
+    tokens = torch.full((len(sources),), BOS_ID)
+    a, _ = f32.step(tokens, rows)
+    b, _ = i8.step(tokens, rows_i8)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    assert (a.exp() - b.exp()).abs().max() < 0.05
+    # A few teacher-forced steps along the float model's own greedy replies stay close too.
+    opts = DecodeOptions(strategy="greedy", max_length=16)
+    ref = f32.generate(sources, opts)
+    rows_a, rows_b = rows, rows_i8
+    for t in range(3):
+        tokens = torch.tensor([h[0].tokens[t] if len(h[0].tokens) > t else BOS_ID for h in ref])
+        a, rows_a = f32.step(tokens, rows_a)
+        b, rows_b = i8.step(tokens, rows_b)
+        assert (a.exp() - b.exp()).abs().max() < 0.05
+    # This toy model has near ties, so int8 may flip a token here and there, not most replies.
+    quantized = i8.generate(sources, opts)
+    assert all(h[0].finished for h in quantized)
+    same = sum(x == y for x, y in zip(hyp_tokens(quantized), hyp_tokens(ref), strict=True))
+    assert same >= len(sources) // 2
+
+
+def test_torch_ao_quantized_copy_decodes_and_leaves_the_model_alone(trained) -> None:
+    ckpt, sources = trained
+    weight = ckpt.model.decoder.weight_hh_l0.clone()
+    q = quantize_dynamic_int8(ckpt.model)
+    assert type(q.decoder).__module__.startswith("torch.ao.nn.quantized")
+    assert torch.equal(ckpt.model.decoder.weight_hh_l0, weight)
+    opts = DecodeOptions(strategy="greedy", max_length=16)
+    assert hyp_tokens(generate(q, sources, opts)) == hyp_tokens(generate(ckpt.model, sources, opts))
