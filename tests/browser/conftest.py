@@ -78,7 +78,7 @@ def serve(app: Any) -> Iterator[LiveServer]:
         sock.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # Playwright's sync loop must end with this package
 def live_server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
     """The real app on the tiny checkpoint, open (no API key)."""
     with serve(_make_app(tiny_checkpoint)) as server:
@@ -88,14 +88,14 @@ def live_server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
 API_KEY = "s3cret-key"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # Playwright's sync loop must end with this package
 def keyed_server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
     """The real app with CHATBOT_API_KEY set: chat and model endpoints answer 401 without it."""
     with serve(_make_app(tiny_checkpoint, api_key=API_KEY)) as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # Playwright's sync loop must end with this package
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).is_file():
         pytest.fail(
