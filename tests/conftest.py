@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from model.network import Seq2Seq
 from model.tokenizer import Tokenizer
@@ -95,3 +96,22 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, toy_jsonl: Path) -
     Trainer(cfg, data, out, progress=False).train()
     torch.set_num_threads(os.cpu_count() or 1)
     return out
+
+
+# Shared by the API and reliability tests.
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_chatbot_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their own settings; a CHATBOT_* variable in the shell must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("CHATBOT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_checkpoint: Path) -> Checkpoint:
+    return load_checkpoint(tiny_checkpoint)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -21,31 +20,13 @@ from app.batching import StepFn, default_step
 from app.engine import ChatEngine, EngineConfig
 from app.main import create_app
 from app.settings import Settings
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions
 from model.inference import generate
 
 PROMPTS = ["hello", "hi", "how are you", "what is your name", "do you like cats", "do you like music",
            "good morning", "see you later", "what is the weather", "do you like pizza", "good night",
            "do you like coffee", "hello how are you", "do you like dogs", "nice day", "bye"]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _no_chatbot_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests build their own settings; a CHATBOT_* variable in the shell must not leak in."""
-    for name in list(os.environ):
-        if name.startswith("CHATBOT_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(scope="session")
-def ckpt(tiny_checkpoint: Path) -> Checkpoint:
-    return load_checkpoint(tiny_checkpoint)
 
 
 def reference(ckpt: Checkpoint, turns: list[str], opts: DecodeOptions) -> list[str]:

@@ -18,31 +18,13 @@ from fastapi import FastAPI
 from app.batching import StepFn
 from app.engine import ChatEngine
 from app.main import create_app
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint
 from tests.api.conftest import make_engine, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # What must never show in a response body: a traceback, a source location, a local path.
 LEAKS = re.compile(r"Traceback|File \"|\.py\b|/work/|/home/|/usr/|/tmp/|site-packages|\bline \d+")
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _no_chatbot_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests build their own settings; a CHATBOT_* variable in the shell must not leak in."""
-    for name in list(os.environ):
-        if name.startswith("CHATBOT_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(scope="session")
-def ckpt(tiny_checkpoint: Path) -> Checkpoint:
-    return load_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture
