@@ -110,8 +110,9 @@ def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
 def test_sigterm_under_load_finishes_every_request_in_flight(tiny_checkpoint: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # the reference step, which SLOW_SERVE slows down (the fast step is the default)
     env = subprocess_env(CHATBOT_MAX_BATCH_SIZE="4", CHATBOT_LOG_LEVEL="warning",
-                         CHATBOT_SHUTDOWN_TIMEOUT_S="60")
+                         CHATBOT_SHUTDOWN_TIMEOUT_S="60", CHATBOT_FAST_DECODER="false")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", "--checkpoint", str(tiny_checkpoint),
                              "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
