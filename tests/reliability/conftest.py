@@ -12,14 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from fastapi import FastAPI
 
-from app.batching import StepFn
-from app.engine import ChatEngine
-from app.main import create_app
-from model.checkpoint import Checkpoint
-from tests.api.conftest import make_engine, make_settings
+from tests.api.conftest import make_app, make_engine, make_settings  # noqa: F401 (make_app: a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LEAKS = re.compile(r"Traceback|File \"|\.py\b|/work/|/home/|/usr/|/tmp/|site-packages|\bline \d+")
 
 
-@pytest.fixture
-def make_app(tiny_checkpoint: Path, ckpt: Checkpoint):
-    """make_app(step=None, **settings) -> (app, engine)."""
-    def factory(step: StepFn | None = None, **overrides: Any) -> tuple[FastAPI, ChatEngine]:
-        settings = make_settings(tiny_checkpoint, **overrides)
-        engine = make_engine(ckpt, settings, step)
-        return create_app(settings, engine=engine), engine
-    return factory
 
 
 def assert_clean_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
