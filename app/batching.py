@@ -27,10 +27,16 @@ from model.tokenizer import EOS_ID, PAD_ID
 
 # The seam for a faster decoder step: tokens (R,), rows -> log-probs (R, V), new rows.
 StepFn = Callable[[Tensor, DecoderRows], tuple[Tensor, DecoderRows]]
+# ... and for the encoder: token-id sources -> one DecoderRows row per source, in order.
+EncodeFn = Callable[[Sequence[Sequence[int]]], DecoderRows]
 
 
 def default_step(model: Seq2Seq) -> StepFn:
     return lambda tokens, rows: step_rows(model, tokens, rows)
+
+
+def default_encode(model: Seq2Seq) -> EncodeFn:
+    return lambda sources: encode_sources(model, sources)
 
 
 @dataclass
@@ -74,11 +80,12 @@ def drop_search_items(search: Search, ids: set[Hashable]) -> Tensor:
 
 
 class RunningBatch:
-    def __init__(self, model: Seq2Seq, *, step: StepFn | None = None,
+    def __init__(self, model: Seq2Seq, *, step: StepFn | None = None, encode: EncodeFn | None = None,
                  generator: torch.Generator | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.step_fn = step or default_step(model)
+        self.encode = encode or default_encode(model)
         self.generator = generator
         self.groups: dict[DecodeOptions, _Group] = {}
         self.rows: DecoderRows | None = None
@@ -96,9 +103,14 @@ class RunningBatch:
 
     def add(self, items: Sequence[BatchItem]) -> None:
         """Encode new items as one batch and join them to the running searches."""
+        if items:
+            self.join(items, self.encode([it.source for it in items]))
+
+    def join(self, items: Sequence[BatchItem], encoded: DecoderRows) -> None:
+        """Join items whose sources are already encoded (`encoded` has one row per item, in
+        order): the engine encodes on another thread while this batch decodes."""
         if not items:
             return
-        encoded = encode_sources(self.model, [it.source for it in items])  # B rows
         by_opts: dict[DecodeOptions, list[int]] = {}
         for i, it in enumerate(items):
             by_opts.setdefault(it.opts, []).append(i)

@@ -25,20 +25,21 @@ log = logging.getLogger("chatbot.app")
 
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                        num_threads=settings.threads(), seed=settings.seed)
+                        num_threads=settings.threads(), encoder_threads=settings.encoder_threads,
+                        seed=settings.seed)
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
     """Load the checkpoint (slow: call off the event loop) and wrap it in an engine."""
     from model.checkpoint import load_checkpoint
-    from model.fastpath import make_step
+    from model.fastpath import FastDecoder
 
     checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
-    step = None
-    if settings.fast_decoder or settings.quantize != "none":
-        quantize = None if settings.quantize == "none" else settings.quantize
-        step = make_step(checkpoint.model, quantize=quantize)
-    return ChatEngine(checkpoint, engine_config(settings), step=step, metrics=metrics)
+    if not settings.fast_decoder and settings.quantize == "none":
+        return ChatEngine(checkpoint, engine_config(settings), metrics=metrics)
+    fast = FastDecoder(checkpoint.model, quantize=None if settings.quantize == "none" else settings.quantize)
+    return ChatEngine(checkpoint, engine_config(settings), step=fast.step, encode=fast.encode,
+                      metrics=metrics)
 
 
 def create_app(settings: Settings | None = None, engine: ChatEngine | None = None) -> FastAPI:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -29,6 +30,10 @@ class Metrics:
                                     buckets=SIZE_BUCKETS, registry=r)
         self.batch_requests = Histogram("chatbot_batch_requests", "Requests decoding per model step",
                                         buckets=SIZE_BUCKETS, registry=r)
+        self.step_time = Histogram("chatbot_step_seconds", "One decoder step over the batch, "
+                                   "search included", buckets=STEP_BUCKETS, registry=r)
+        self.encode_time = Histogram("chatbot_encode_seconds", "One encoder call over the sources "
+                                     "of the requests it admits", buckets=STEP_BUCKETS, registry=r)
         self.tokens = Counter("chatbot_generated_tokens", "Tokens in the replies returned",
                               registry=r)
         self.rejected = Counter("chatbot_rejected_requests", "Requests refused by the engine",

@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0, le=1_000_000,
                                        description="API requests a minute per API key or client "
                                                    "address (429 + Retry-After); 0: off")
-    num_threads: int = Field(0, ge=0, description="torch threads for the model; 0: all cores")
+    num_threads: int = Field(0, ge=0, description="torch threads of the decoder thread; 0: all "
+                             "cores but one (left to the encoder thread and the HTTP loop), at least 1")
+    encoder_threads: int = Field(1, ge=1, le=256, description="torch threads of the encoder thread, "
+                                 "which encodes new requests while the decoder thread decodes")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fast_decoder: bool = Field(True, description="The fused decoder step (model/fastpath.py); same "
                                "results as the reference step, about 2x faster per token on CPU")
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
         return None if value in ("", None) else value
 
     def threads(self) -> int:
-        return self.num_threads or available_cores()
+        return self.num_threads or max(1, available_cores() - 1)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .decoding import DecodeOptions, Hypothesis, decode
+from .fast_encoder import FastEncoder
 from .inference import DecoderRows, encode_sources
 from .network import EncoderOutput, Seq2Seq
 from .quantize import Int8Linear, quantize_dynamic_int8
@@ -128,6 +129,7 @@ class FastDecoder:
                 self.out = make(model.embedding.weight, model.out_bias)
             self.embedding = model.embedding.weight.detach()  # (V, E), looked up, never copied
         self._encoder_model: Seq2Seq | None = None if quantize == "int8" else model
+        self._fast_encoder = FastEncoder(model) if quantize is None else None
 
     # -- the step -------------------------------------------------------------------
     def step(self, tokens: Tensor, rows: DecoderRows) -> tuple[Tensor, DecoderRows]:
@@ -174,8 +176,10 @@ class FastDecoder:
         self._encoder_model = model
 
     def encode(self, sources: Sequence[Sequence[int]]) -> DecoderRows:
-        """One row per source: the reference `encode_sources` (fused LSTM calls over the
-        whole source), on the int8 copy of the model when quantized."""
+        """One row per source: float32 through `FastEncoder` (model/fast_encoder.py); int8
+        through the reference `encode_sources` on the torch.ao-quantized copy of the model."""
+        if self._fast_encoder is not None and self._encoder_model is self.model:
+            return self._fast_encoder.encode(sources)
         model = self.encoder_model
         was_training = model.training
         model.eval()  # no dropout, whatever mode the caller left the model in

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from app.batching import default_step
+from app.batching import default_encode, default_step
 from app.engine import ChatEngine, EngineConfig
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded
 from model.checkpoint import Checkpoint
@@ -128,4 +129,63 @@ async def test_submit_before_start_is_not_ready(ckpt: Checkpoint) -> None:
     engine = ChatEngine(ckpt, EngineConfig(num_threads=1))
     with pytest.raises(NotReady):
         engine.submit([5], GREEDY)
+    assert not engine.ready
+
+
+async def test_requests_are_encoded_while_the_decoder_steps(ckpt: Checkpoint, gate: Gate) -> None:
+    """The encoder thread encodes new requests while the decoder thread is busy in a step."""
+    encoded_on: list[str] = []
+    base = default_encode(ckpt.model)
+
+    def encode(sources):  # type: ignore[no-untyped-def]
+        encoded_on.append(threading.current_thread().name)
+        return base(sources)
+
+    engine = ChatEngine(ckpt, EngineConfig(num_threads=1), step=gate, encode=encode)
+    engine.start()
+    await engine.wait_ready()
+    gate.opened.clear()
+    first = asyncio.ensure_future(engine.generate([5, 6], GREEDY))
+    assert await asyncio.to_thread(gate.waiting.wait, 5)  # the decoder is stuck in a step
+    calls = len(encoded_on)
+    second = engine.submit(engine.encode_turns([PROMPTS[0]]), GREEDY)
+    await _until(lambda: len(encoded_on) > calls and engine._encoded_jobs == 1)
+    assert encoded_on[-1] == "chatbot-encoder"
+    assert engine.queue_depth == 1  # encoded, not decoding yet
+    gate.opened.set()
+    assert (await first).hypotheses
+    reply = engine.decode((await second.result()).hypotheses[0].tokens)
+    assert reply == reference(ckpt, [PROMPTS[0]], GREEDY)[0]
+    await engine.aclose()
+
+
+async def test_a_failing_encoder_fails_its_requests_not_the_engine(ckpt: Checkpoint) -> None:
+    base = default_encode(ckpt.model)
+    broken = {"on": False}
+
+    def encode(sources):  # type: ignore[no-untyped-def]
+        if broken["on"]:
+            raise RuntimeError("boom")
+        return base(sources)
+
+    engine = ChatEngine(ckpt, EngineConfig(num_threads=1), encode=encode)
+    engine.start()
+    await engine.wait_ready()
+    broken["on"] = True
+    with pytest.raises(EngineFailure):
+        await engine.generate([5, 6], GREEDY)
+    broken["on"] = False
+    assert (await engine.generate([5, 6], GREEDY)).hypotheses
+    assert engine.ready
+    await engine.aclose()
+
+
+async def test_an_encoder_that_cannot_start_is_reported(ckpt: Checkpoint) -> None:
+    def encode(sources):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no encoder here")
+
+    engine = ChatEngine(ckpt, EngineConfig(num_threads=1), encode=encode)
+    engine.start()
+    with pytest.raises(RuntimeError, match="engine failed to start"):
+        await engine.wait_ready()
     assert not engine.ready

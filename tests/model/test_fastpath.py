@@ -153,7 +153,8 @@ def test_encode_never_applies_dropout_and_restores_the_mode() -> None:
     rows = FastDecoder(model).encode(SOURCES)
     assert model.training
     model.eval()
-    assert torch.equal(rows.enc.memory, encode_sources(model, SOURCES).enc.memory)
+    # the fused float32 encoder equals the model's to rounding; dropout 0.5 would be far off
+    assert torch.allclose(rows.enc.memory, encode_sources(model, SOURCES).enc.memory, atol=1e-5, rtol=0)
 
 
 def test_an_unknown_quantization_mode_is_refused() -> None:
