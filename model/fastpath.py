@@ -206,8 +206,10 @@ class FastDecoder:
     def generate(self, sources: Sequence[Sequence[int]], opts: DecodeOptions,
                  generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
         """`model.inference.generate` through the fast step: one hypothesis list per source."""
+        # the step's log-probs are a fresh tensor each time: the search may overwrite them
         return decode(self.step, self.encode(sources), self.select,  # type: ignore[arg-type]
-                      batch_size=len(sources), opts=opts, device=self.device, generator=generator)
+                      batch_size=len(sources), opts=opts, device=self.device, generator=generator,
+                      inplace=True)
 
     def matrix_bytes(self) -> int:
         """Bytes of the weights one step reads (the embedding lookup reads R rows only)."""

@@ -86,6 +86,7 @@ def generate(model: Seq2Seq, sources: Sequence[Sequence[int]], opts: DecodeOptio
             lambda tokens, r: step_rows(model, tokens, r),  # type: ignore[arg-type]
             rows, lambda r, i: r.index_select(i),  # type: ignore[attr-defined]
             batch_size=len(sources), opts=opts, device=device, generator=generator,
+            inplace=True,  # model.step returns fresh log-probs: the search may overwrite them
         )
     finally:
         model.train(was_training)

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from model.decoding import DecodeOptions, Hypothesis, decode, length_penalty, make_search
+import model.decoding as decoding
+from model.decoding import (
+    BeamSearch,
+    DecodeOptions,
+    Hypothesis,
+    ban_repeated_ngrams,
+    decode,
+    length_penalty,
+    make_search,
+)
 from model.inference import encode_sources, generate, step_rows
 from model.network import Seq2Seq
 from model.tokenizer import BOS_ID, EOS_ID, SEP_ID, UNK_ID
@@ -227,3 +236,194 @@ def test_decode_options_reject_bad_values() -> None:
         DecodeOptions(strategy="beam", beam_size=2, n_best=3)
     with pytest.raises(ValueError, match="temperature"):
         DecodeOptions(temperature=0.0)
+
+
+# -- per-step bookkeeping: filter, in-place advance, the last-resort EOS, fast kernels ---------
+
+def _drive(search, step, state, results, on_step=None):
+    """Run a search to the end over a bigram step; finished items go into `results`."""
+    while len(search):
+        logp, state = step(search.last_tokens(), state)
+        res = search.advance(logp)
+        results.update(dict(res.finished))
+        if res.reorder is not None:
+            state = state.index_select(0, res.reorder)
+        if on_step is not None:
+            state = on_step(search, state)
+    return state
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_filter_drops_items_between_steps_and_the_rest_decode_as_if_alone(strategy: str) -> None:
+    table = _table(11)
+    table[:, EOS_ID] = -50.0  # nobody finishes early: every item is still there when filtered
+    opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=2, max_length=8, no_repeat_ngram_size=2)
+    step = bigram_step(table)
+    search = make_search(["a", "b", "c"], opts, generator=torch.Generator().manual_seed(0))
+    K = search.K
+    state = torch.zeros(search.num_rows, 1)
+    results: dict = {}
+    for _ in range(3):
+        logp, state = step(search.last_tokens(), state)
+        res = search.advance(logp)
+        if res.reorder is not None:
+            state = state.index_select(0, res.reorder)
+    seqs_before, last_before = search.seqs.clone(), search.last_tokens().clone()
+
+    index = search.filter({"b", "not-there"})
+
+    assert search.ids == ["a", "c"] and len(search) == 2 and search.num_rows == 2 * K
+    assert index.tolist() == [*range(K), *range(2 * K, 3 * K)]  # the rows of a and c, in order
+    assert torch.equal(search.seqs, seqs_before[index])
+    assert torch.equal(search.last_tokens(), last_before[index])
+    if isinstance(search, BeamSearch):
+        assert set(search.results) == {"a", "c"}
+    _drive(search, step, state.index_select(0, index), results)
+    assert set(results) == {"a", "c"}
+    if strategy != "sample":  # deterministic: the kept items decode as if "b" had never been there
+        alone = run(table, 1, opts)[0]
+        for key in ("a", "c"):
+            assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
+
+
+def test_filter_of_every_item_empties_the_search() -> None:
+    search = make_search([1, 2], DecodeOptions(strategy="beam", beam_size=2, max_length=4))
+    assert search.filter([1, 2]).numel() == 0
+    assert len(search) == 0 and search.num_rows == 0 and search.seqs.shape[0] == 0
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+@pytest.mark.parametrize("no_repeat,min_length", [(0, 1), (2, 3)])
+def test_inplace_advance_gives_the_same_steps_as_the_copying_one(strategy: str, no_repeat: int,
+                                                               min_length: int) -> None:
+    table = _table(12)
+    opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=2, max_length=9, min_length=min_length,
+                         no_repeat_ngram_size=no_repeat, top_p=0.9)
+    copying = make_search(list(range(4)), opts, generator=torch.Generator().manual_seed(7))
+    inplace = make_search(list(range(4)), opts, generator=torch.Generator().manual_seed(7))
+    state = torch.zeros(copying.num_rows, 1)
+    step = bigram_step(table)
+    steps = 0
+    while len(copying):
+        assert torch.equal(copying.last_tokens(), inplace.last_tokens())
+        logp, state = step(copying.last_tokens(), state)
+        given = logp.clone()
+        a = copying.advance(logp)
+        assert torch.equal(logp, given)  # the default leaves the caller's tensor alone
+        b = inplace.advance(given, inplace=True)
+        assert [(i, [vars(h) for h in hs]) for i, hs in a.finished] == \
+            [(i, [vars(h) for h in hs]) for i, hs in b.finished]
+        assert torch.equal(a.tokens, b.tokens)
+        assert (a.reorder is None) == (b.reorder is None)
+        if a.reorder is not None:
+            assert torch.equal(a.reorder, b.reorder)
+            state = state.index_select(0, a.reorder)
+        steps += 1
+    assert len(inplace) == 0 and steps > 1
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+@pytest.mark.parametrize("min_length", [0, 3])
+def test_end_of_sequence_is_the_last_resort_when_every_token_is_banned(strategy: str,
+                                                                      min_length: int) -> None:
+    """Vocabulary: the special tokens, EOS and one word (5). The model never wants EOS and
+    no_repeat_ngram_size=1 bans the word once said: at step 2 nothing is left, and the search
+    must end with EOS at log-prob 0 (even before min_length), not emit a banned token."""
+    table = torch.zeros(6, 6)
+    table[:, EOS_ID] = float("-inf")
+    word_logp = torch.log_softmax(table[BOS_ID], -1)[5].item()
+    opts = DecodeOptions(strategy=strategy, beam_size=2, n_best=1, max_length=6, min_length=min_length,
+                         no_repeat_ngram_size=1)
+    for hyps in run(table, 2, opts, generator=torch.Generator().manual_seed(0)):
+        best = hyps[0]
+        assert best.tokens == [5] and best.finished
+        assert best.logprob == pytest.approx(word_logp)  # the last-resort EOS adds log-prob 0
+
+
+def test_min_length_holds_while_other_tokens_remain() -> None:
+    """EOS is by far the likeliest, two words exist and each may be said once: EOS comes at
+    exactly min_length, after both words, for every strategy."""
+    table = torch.full((7, 7), -5.0)
+    table[:, EOS_ID] = 10.0
+    for strategy in ("greedy", "beam", "sample"):
+        opts = DecodeOptions(strategy=strategy, beam_size=2, n_best=2 if strategy != "greedy" else 1,
+                             max_length=6, min_length=3, no_repeat_ngram_size=1)
+        for hyps in run(table, 2, opts, generator=torch.Generator().manual_seed(1)):
+            for h in hyps:
+                assert h.finished and sorted(h.tokens) == [5, 6]
+
+
+def _brute_force_bans(seqs: torch.Tensor, lengths: torch.Tensor, n: int) -> set[tuple[int, int]]:
+    banned = set()
+    for r, (row, length) in enumerate(zip(seqs.tolist(), lengths.tolist(), strict=True)):
+        toks = row[:length]
+        if n < 1 or length < n - 1:
+            continue
+        last = toks[len(toks) - (n - 1):] if n > 1 else []
+        for s in range(length - n + 1):
+            if toks[s:s + n - 1] == last:
+                banned.add((r, toks[s + n - 1]))
+    return banned
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ban_repeated_ngrams_matches_a_brute_force_count(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    R, M, vocab = 5, 12, 9
+    seqs = torch.randint(5, vocab, (R, M), generator=g)  # few symbols: many repeats
+    lengths = torch.randint(0, M + 1, (R,), generator=g)
+    for n in range(0, 5):
+        logp = torch.log_softmax(torch.randn(R, vocab, generator=g), -1)
+        banned = logp.clone()
+        ban_repeated_ngrams(banned, seqs, lengths, n)
+        want = _brute_force_bans(seqs, lengths, n)
+        got = {(r, v) for r, v in (banned == float("-inf")).nonzero().tolist()}
+        assert got == want
+        assert torch.equal(banned[banned > float("-inf")], logp[banned > float("-inf")])  # the rest untouched
+        # rows of one common length take the slicing shortcut, with the same bans
+        L = int(lengths[0])
+        same = torch.full((R,), L)
+        found = decoding._ngram_repeats(seqs[:, :L], same, n, L)
+        pairs = set() if found is None else {
+            (r, int(found[1][r, s])) for r, s in found[0].nonzero().tolist()}
+        assert pairs == _brute_force_bans(seqs, same, n)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "mostly -inf", "nan", "tied top"])
+def test_fast_topk_equals_torch_topk(kind: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    for B, n, k in [(1, 40000, 10), (3, 24000, 8), (8, 4000, 2), (2, 2047, 4), (2, 4001, 6)]:
+        x = torch.randn(B, n, generator=g)
+        if kind == "ties":
+            x = (x * 2).round()
+        elif kind == "mostly -inf":
+            x[torch.rand(B, n, generator=g) < 0.9995] = float("-inf")
+        elif kind == "nan":
+            x[0, n // 3] = float("nan")
+        elif kind == "tied top":
+            x[:, [5, n - 5]] = 50.0
+        want = x.topk(k, dim=1)
+        values, indices = decoding._topk(x, k)
+        assert torch.equal(values.nan_to_num(), want.values.nan_to_num())
+        assert torch.equal(indices, want.indices)
+
+
+def test_fast_argmax_equals_torch_argmax_on_ties_infinities_and_nan() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-2, 2, (50, 300), generator=g).float()
+    x[x == -2] = float("-inf")
+    x[:5] = float("-inf")  # whole rows
+    x[7, [3, 9]] = float("nan")
+    for t in (x, x.double(), x[:, ::3], x.to(torch.bfloat16)):
+        assert torch.equal(decoding._argmax(t), t.argmax(-1))
+
+
+def test_beam_search_with_a_wide_vocabulary_equals_beam_search_with_plain_topk(monkeypatch) -> None:
+    """Wide rows (K*V >= 2048) take the blocked topk: the search must not change."""
+    table = torch.randn(600, 600, generator=torch.Generator().manual_seed(5)) * 4
+    table[::2, 9] = table[::2, 10] = 12.0  # a tie at the top of half the rows: the plain path's steps
+    opts = DecodeOptions(strategy="beam", beam_size=5, n_best=5, max_length=7, no_repeat_ngram_size=2)
+    fast = run(table, 3, opts)
+    monkeypatch.setattr(decoding, "_topk", lambda x, k: x.topk(k, dim=1))
+    plain = run(table, 3, opts)
+    assert [[vars(h) for h in hs] for hs in fast] == [[vars(h) for h in hs] for hs in plain]
