@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from model.decoding import BeamSearch, DecodeOptions, Hypothesis, Search, make_search
+from model.decoding import DecodeOptions, Hypothesis, Search, make_search
 from model.inference import DecoderRows, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.tokenizer import EOS_ID, PAD_ID
@@ -59,24 +59,6 @@ class StepOutput:
 class _Group:
     search: Search
     index: Tensor  # (rows,) where this search's rows sit in the batch's DecoderRows
-
-
-def drop_search_items(search: Search, ids: set[Hashable]) -> Tensor:
-    """Remove items from a search between steps; returns the index of the rows kept.
-
-    TODO: this belongs on Search as a public `filter`; it uses the same private
-    helpers that Search.advance uses to drop finished items.
-    """
-    device = search.lengths.device
-    keep = torch.tensor([i not in ids for i in search.ids], dtype=torch.bool, device=device)
-    rows = torch.arange(search.num_rows, device=device).view(-1, search.K)
-    index = search._keep_items(keep, rows)
-    for name in search._row_tensors():
-        setattr(search, name, getattr(search, name).index_select(0, index))
-    if isinstance(search, BeamSearch):
-        for i in ids:
-            search.results.pop(i, None)
-    return index
 
 
 class RunningBatch:
@@ -120,8 +102,11 @@ class RunningBatch:
         parts = []
         for opts, idx in by_opts.items():
             K = opts.rows_per_item
-            pick = torch.tensor(idx, device=self.device).repeat_interleave(K)
-            parts.append(encoded.index_select(pick))
+            if K == 1 and len(idx) == len(items):  # every item, in order: no copy
+                parts.append(encoded)
+            else:
+                pick = torch.tensor(idx, device=self.device).repeat_interleave(K)
+                parts.append(encoded.index_select(pick))
             search = make_search([items[i].id for i in idx], opts, device=self.device,
                                  generator=self.generator)
             index = torch.arange(offset, offset + len(idx) * K, device=self.device)
@@ -140,7 +125,7 @@ class RunningBatch:
         for opts, g in list(self.groups.items()):
             if not ids.intersection(g.search.ids):
                 continue
-            g.index = g.index.index_select(0, drop_search_items(g.search, ids))
+            g.index = g.index.index_select(0, g.search.filter(ids))
             if not len(g.search):
                 del self.groups[opts]
         self.streaming -= ids
@@ -157,7 +142,10 @@ class RunningBatch:
         logp, self.rows = self.step_fn(tokens, self.rows)  # (R, V)
         for opts, g in list(self.groups.items()):
             ids_before = list(g.search.ids)
-            res = g.search.advance(logp.index_select(0, g.index))
+            # The search may overwrite what it is given: a copy, unless it is all of logp (one
+            # search over every row, which `_compact` leaves in order).
+            whole = len(self.groups) == 1 and g.index.numel() == logp.shape[0]
+            res = g.search.advance(logp if whole else logp.index_select(0, g.index), inplace=True)
             if self.streaming and opts.rows_per_item == 1:
                 for item_id, tok in zip(ids_before, res.tokens.tolist(), strict=True):
                     if item_id in self.streaming and tok not in (EOS_ID, PAD_ID):
