@@ -178,7 +178,8 @@ class FastDecoder:
     def encode(self, sources: Sequence[Sequence[int]]) -> DecoderRows:
         """One row per source: float32 through `FastEncoder` (model/fast_encoder.py); int8
         through the reference `encode_sources` on the torch.ao-quantized copy of the model."""
-        if self._fast_encoder is not None and self._encoder_model is self.model:
+        if self._fast_encoder is not None and self._encoder_model is self.model and \
+                fast_encoder_wins(len(sources), max((len(s) for s in sources), default=1)):
             return self._fast_encoder.encode(sources)
         model = self.encoder_model
         was_training = model.training
@@ -217,6 +218,18 @@ class FastDecoder:
         if self.bottleneck is not None:
             mats.append(self.bottleneck)
         return sum(m.nbytes for m in mats)
+
+
+def fast_encoder_wins(rows: int, length: int) -> bool:
+    """Whether `FastEncoder` beats the model's own (oneDNN) encoder for `rows` sources of up to
+    `length` tokens. oneDNN pays ~1 ms a call to reorder its weights but computes big batches
+    more efficiently, and has a fast path for a single row; measured on the 2-core machine
+    (best of 8, shipped model), 1 thread: FastEncoder 1.2-2x faster up to ~160 tokens in all
+    (R=2, S=20: 5.7 against 9.0 ms) except one long source (R=1, S=40: 7.7 against 5.0 ms),
+    slower from R=16, S=20 on; with 2 threads oneDNN wins from ~40 tokens on."""
+    if rows == 1:
+        return length <= 16
+    return rows * length <= (160 if torch.get_num_threads() == 1 else 40)
 
 
 def make_step(model: Seq2Seq, quantize: str | None = None) -> StepFn:
