@@ -160,6 +160,19 @@ class RunningBatch:
         self._compact()
         return out
 
+    def _in_place_blocks(self) -> bool:
+        """Whether every search's rows still come from the block of the batch they filled after
+        the last compaction. Each block is then in the search's own row order and a search
+        maps rows within an item only (beams), so no row took another item's encoder output.
+        A join that added rows to a search other than the last one breaks its block."""
+        start = 0
+        for g in self.groups.values():
+            n = g.index.numel()
+            if n and (int(g.index.min()) < start or int(g.index.max()) >= start + n):
+                return False
+            start += n
+        return True
+
     def _compact(self) -> None:
         """Gather the live rows, search by search, into a contiguous DecoderRows."""
         if not self.groups:
@@ -171,7 +184,14 @@ class RunningBatch:
         identity = torch.arange(keep.numel(), device=self.device)
         if keep.numel() == R and torch.equal(keep, identity):
             return
-        self.rows = self.rows.index_select(keep)
+        if keep.numel() == R and self._in_place_blocks():
+            # Only beams moved, each within its own item, whose rows all hold the same encoder
+            # output: move the recurrent state, not the encoder output.
+            h, c = self.rows.state
+            self.rows = DecoderRows(state=(h.index_select(1, keep), c.index_select(1, keep)),
+                                    enc=self.rows.enc)
+        else:
+            self.rows = self.rows.index_select(keep)
         start = 0
         for g in self.groups.values():
             n = g.index.numel()

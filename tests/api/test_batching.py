@@ -96,3 +96,24 @@ def test_the_step_function_is_a_seam(ckpt: Checkpoint) -> None:
     while len(batch):
         batch.step()
     assert calls and calls[0] == 3 and all(r <= 3 for r in calls)
+
+
+@torch.inference_mode()
+def test_beam_steps_move_the_state_not_the_encoder_output(ckpt: Checkpoint) -> None:
+    """While no item finishes, a beam step only reorders beams within items: the encoder
+    output (the same for every beam of an item) stays where it is, and results stay exact."""
+    long_beam = DecodeOptions(strategy="beam", beam_size=4, n_best=4, max_length=12, min_length=12)
+    batch = RunningBatch(ckpt.model)
+    sources = [_source(ckpt, p) for p in PROMPTS[:2]]
+    batch.add([BatchItem(id=i, source=s, opts=long_beam) for i, s in enumerate(sources)])
+    enc = batch.rows.enc if batch.rows is not None else None
+    results = {}
+    for _ in range(11):  # min_length 12: nobody finishes before step 12
+        out = batch.step()
+        assert not out.finished
+        assert batch.rows is not None and batch.rows.enc is enc
+    while len(batch):
+        for item_id, hyps in batch.step().finished:
+            results[item_id] = [h.tokens for h in hyps]
+    for i, src in enumerate(sources):
+        assert results[i] == _alone(ckpt, src, long_beam)
