@@ -325,8 +325,9 @@ class ChatEngine:
                         self._cond.wait()
                     if self._abort or (not jobs and self._drained()):
                         break
+                    waiting = self._encoded_jobs
                     admitted = self._take_encoded(batch.num_rows)
-                    if admitted:
+                    if self._encoded_jobs != waiting:  # admitted, or dropped (cancelled, expired):
                         self._cond.notify_all()  # room for the encoder to run ahead again
                 try:
                     self._iterate(batch, jobs, admitted)

@@ -189,3 +189,22 @@ async def test_an_encoder_that_cannot_start_is_reported(ckpt: Checkpoint) -> Non
     with pytest.raises(RuntimeError, match="engine failed to start"):
         await engine.wait_ready()
     assert not engine.ready
+
+
+async def test_a_cancelled_encoded_request_makes_room_for_the_next(ckpt: Checkpoint, gate: Gate) -> None:
+    """The encoder runs at most max_batch_size rows ahead; when the decoder drops an encoded
+    request that was cancelled meanwhile, the encoder must hear that there is room again."""
+    engine = await _started(ckpt, gate, max_batch_size=1)
+    gate.opened.clear()
+    first = asyncio.ensure_future(engine.generate([5, 6], GREEDY))
+    assert await asyncio.to_thread(gate.waiting.wait, 5)  # decoding, stuck in the step
+    dropped = engine.submit([7, 8], GREEDY)
+    await _until(lambda: engine._encoded_jobs == 1)  # encoded: the encoder's one row ahead
+    dropped.cancel()
+    second = engine.submit(engine.encode_turns([PROMPTS[1]]), GREEDY)
+    gate.opened.set()
+    assert (await first).hypotheses
+    result = await asyncio.wait_for(second.result(), 5)
+    assert engine.decode(result.hypotheses[0].tokens) == reference(ckpt, [PROMPTS[1]], GREEDY)[0]
+    await _until(lambda: engine.queue_depth == 0 and engine.active_requests == 0)
+    await engine.aclose()
