@@ -491,7 +491,10 @@ class ChatEngine:
                     for job in taken:
                         self._fail(job, EngineFailure("the model failed to encode this request"))
             with self._cond:
-                if rows is not None:
+                if rows is not None and self._abort:  # the decoder has gone: nobody takes them
+                    for job in taken:
+                        self._fail(job, NotReady("the server is shutting down"))
+                elif rows is not None:
                     self._encoded.append(_Encoded(taken, rows))
                     self._encoded_jobs += len(taken)
                     self._encoded_rows += sum(j.rows for j in taken)
