@@ -200,6 +200,21 @@ def test_low_temperature_sampling_matches_greedy() -> None:
     assert [g[0].tokens for g in greedy] == [c[0].tokens for c in cold]
 
 
+def _drive(search, step, state, results, on_step=None, steps=None):
+    """Run a search over a bigram step, to the end or for `steps` steps; finished items go
+    into `results`. Returns the state, reordered as the search went."""
+    while len(search) and (steps is None or steps > 0):
+        logp, state = step(search.last_tokens(), state)
+        res = search.advance(logp)
+        results.update(dict(res.finished))
+        if res.reorder is not None:
+            state = state.index_select(0, res.reorder)
+        if on_step is not None:
+            state = on_step(search, state)
+        steps = None if steps is None else steps - 1
+    return state
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_items_joining_a_running_search_decode_as_if_alone(strategy: str) -> None:
     """What the server's continuous batching relies on: concatenate mid-way, same results."""
@@ -211,20 +226,10 @@ def test_items_joining_a_running_search_decode_as_if_alone(strategy: str) -> Non
     first = make_search(["a"], opts)
     state = torch.zeros(first.num_rows, 1)
     results = {}
-    for _ in range(3):  # "a" decodes three steps on its own
-        logp, state = step(first.last_tokens(), state)
-        res = first.advance(logp)
-        results.update(dict(res.finished))
-        if res.reorder is not None:
-            state = state.index_select(0, res.reorder)
+    state = _drive(first, step, state, results, steps=3)  # "a" decodes three steps on its own
     search = type(first).concatenate([first, make_search(["b"], opts)])
     state = torch.cat([state, torch.zeros(search.num_rows - state.shape[0], 1)])
-    while len(search):
-        logp, state = step(search.last_tokens(), state)
-        res = search.advance(logp)
-        results.update(dict(res.finished))
-        if res.reorder is not None:
-            state = state.index_select(0, res.reorder)
+    _drive(search, step, state, results)
     for key in ("a", "b"):
         assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
 
@@ -239,19 +244,6 @@ def test_decode_options_reject_bad_values() -> None:
 
 
 # -- per-step bookkeeping: filter, in-place advance, the last-resort EOS, fast kernels ---------
-
-def _drive(search, step, state, results, on_step=None):
-    """Run a search to the end over a bigram step; finished items go into `results`."""
-    while len(search):
-        logp, state = step(search.last_tokens(), state)
-        res = search.advance(logp)
-        results.update(dict(res.finished))
-        if res.reorder is not None:
-            state = state.index_select(0, res.reorder)
-        if on_step is not None:
-            state = on_step(search, state)
-    return state
-
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_filter_drops_items_between_steps_and_the_rest_decode_as_if_alone(strategy: str) -> None:

@@ -5,25 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import ModelConfig
 from model.fast_encoder import FastEncoder
 from model.inference import encode_sources
-from model.network import Seq2Seq
 
+from .conftest import random_model
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_model(seed: int, **overrides: object) -> Seq2Seq:
-    torch.manual_seed(seed)
-    cfg = {"vocab_size": 90, "embedding_dim": 20, "hidden_size": 32, "num_layers": 2, "dropout": 0.3,
-           **overrides}
-    return Seq2Seq(ModelConfig(**cfg)).eval()  # type: ignore[arg-type]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("layers, embedding, hidden", [(1, 20, 32), (2, 20, 32), (3, 16, 48)])

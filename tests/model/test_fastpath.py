@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.config import ModelConfig
 from model.decoding import DecodeOptions
 from model.fastpath import FastDecoder, make_step
 from model.inference import DecoderRows, encode_sources, generate, step_rows
@@ -14,26 +13,13 @@ from model.network import Seq2Seq
 from model.quantize import Int8Linear, quantize_dynamic_int8
 from model.tokenizer import BOS_ID
 
+from .conftest import random_model
+
 SOURCES = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [20]]
 PROMPTS = [["hello"], ["how are you"], ["what is your name"], ["do you like cats"], ["good night"],
            ["hi", "hello nice day", "do you like music"]]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread only adds synchronisation (and on a busy
-    machine, waits for a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_model(seed: int, **overrides: object) -> Seq2Seq:
-    torch.manual_seed(seed)
-    cfg = {"vocab_size": 120, "embedding_dim": 24, "hidden_size": 32, "num_layers": 2, "dropout": 0.2,
-           **overrides}
-    return Seq2Seq(ModelConfig(**cfg)).eval()  # type: ignore[arg-type]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_both(model: Seq2Seq, fast: FastDecoder, rows: DecoderRows, steps: int = 6,
