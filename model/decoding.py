@@ -258,6 +258,10 @@ class Search:
         eos.masked_fill_(self.lengths + 1 < self.opts.min_length, float("-inf"))
         return before
 
+    def advance(self, logp: Tensor, *, inplace: bool = False) -> StepResult:
+        """One step from the model's log-probs (R, V); each strategy defines it."""
+        raise NotImplementedError
+
     def filter(self, ids: Collection[Hashable]) -> Tensor:
         """Remove the items whose ids are in `ids` (cancelled, past a deadline) between steps.
 

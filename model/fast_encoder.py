@@ -41,14 +41,17 @@ def _ifog(t: Tensor, h: int) -> Tensor:
 class _Layer:
     """One bidirectional layer: fused input projection, stacked recurrent weights."""
 
-    def __init__(self, fwd: torch.nn.LSTM, bwd: torch.nn.LSTM) -> None:
-        h = fwd.hidden_size
-        self.h = h
-        w_ih = torch.cat([_ifog(fwd.weight_ih_l0, h), _ifog(bwd.weight_ih_l0, h)])  # (8h, In)
-        b = torch.cat([_ifog(fwd.bias_ih_l0 + fwd.bias_hh_l0, h), _ifog(bwd.bias_ih_l0 + bwd.bias_hh_l0, h)])
+    def __init__(self, fwd: torch.nn.Module, bwd: torch.nn.Module) -> None:
+        h = self.h = int(fwd.hidden_size)  # type: ignore[arg-type]
+
+        def gates(lstm: torch.nn.Module, name: str) -> Tensor:
+            return _ifog(getattr(lstm, name), h)
+
+        w_ih = torch.cat([gates(fwd, "weight_ih_l0"), gates(bwd, "weight_ih_l0")])  # (8h, In)
+        b = torch.cat([gates(d, "bias_ih_l0") + gates(d, "bias_hh_l0") for d in (fwd, bwd)])
         self.w_ih_t = w_ih.detach().t().contiguous()  # (In, 8h)
         self.bias = b.detach().contiguous()  # (8h,)
-        self.w_hh_t = torch.stack([_ifog(fwd.weight_hh_l0, h).t(), _ifog(bwd.weight_hh_l0, h).t()]
+        self.w_hh_t = torch.stack([gates(fwd, "weight_hh_l0").t(), gates(bwd, "weight_hh_l0").t()]
                                   ).detach().contiguous()  # (2, h, 4h)
 
     def __call__(self, x: Tensor, rev: Tensor) -> tuple[Tensor, Tensor]:
