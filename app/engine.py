@@ -381,10 +381,7 @@ class ChatEngine:
                     break
                 self._encoded_jobs -= 1
                 self._encoded_rows -= job.rows
-                if job.cancelled:
-                    continue
-                if job.deadline is not None and now > job.deadline:
-                    self._fail(job, DeadlineExceeded("the request waited past the server's deadline"))
+                if self._dropped(job, now):
                     continue
                 picked.append(i)
                 rows += job.rows
@@ -501,6 +498,16 @@ class ChatEngine:
                 self._encoding = 0
                 self._cond.notify_all()
 
+    def _dropped(self, job: _Job, now: float) -> bool:
+        """Whether a waiting job leaves unserved: cancelled by its caller, or past its deadline
+        (then failed with 504). Called with the lock held, by either thread."""
+        if job.cancelled:
+            return True
+        if job.deadline is not None and now > job.deadline:
+            self._fail(job, DeadlineExceeded("the request waited past the server's deadline"))
+            return True
+        return False
+
     def _take_queued(self, room: int) -> list[_Job]:
         """Pop queued jobs to encode, up to `room` rows and `max_encode_batch` jobs (lock held)."""
         taken: list[_Job] = []
@@ -508,12 +515,8 @@ class ChatEngine:
         now = time.monotonic()
         while self._inbox and len(taken) < self.config.max_encode_batch:
             job = self._inbox[0]
-            if job.cancelled:
+            if self._dropped(job, now):
                 self._inbox.popleft()
-                continue
-            if job.deadline is not None and now > job.deadline:
-                self._inbox.popleft()
-                self._fail(job, DeadlineExceeded("the request waited past the server's deadline"))
                 continue
             if taken and rows + job.rows > room:
                 break
