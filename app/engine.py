@@ -30,9 +30,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -46,7 +46,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("chatbot.engine")
 
-_END = object()  # end of a token stream
+STREAM_END = object()  # end of a token stream
 
 
 @dataclass(frozen=True)
@@ -102,28 +102,30 @@ class _Job:
 
 
 class Ticket:
-    """The caller's handle on a submitted request."""
+    """The caller's handle on a submitted request: its future (and token queue when
+    streamed), its deadline, and how to call the work off. The engine in another
+    process (app/remote_engine.py) hands out the same handle."""
 
-    def __init__(self, engine: ChatEngine, job: _Job) -> None:
-        self._engine = engine
-        self._job = job
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._job.source)
+    def __init__(self, future: asyncio.Future[Completion], *, prompt_tokens: int,
+                 deadline: float | None, on_cancel: Callable[[], None],
+                 queue: asyncio.Queue[Any] | None = None) -> None:
+        self._future = future
+        self._queue = queue
+        self._deadline = deadline
+        self._on_cancel = on_cancel
+        self.prompt_tokens = prompt_tokens
 
     def _remaining(self) -> float | None:
-        if self._job.deadline is None:
+        if self._deadline is None:
             return None
-        return max(self._job.deadline - time.monotonic(), 0.0)
+        return max(self._deadline - time.monotonic(), 0.0)
 
     def cancel(self) -> None:
         """Drop the request (queued or decoding); safe to call more than once."""
-        future = self._job.future
+        future = self._future
         if not future.done():
-            self._job.cancelled = True
             future.cancel()
-            self._engine._wake()
+            self._on_cancel()
         elif not future.cancelled():
             # The worker failed it (e.g. its deadline) just before the caller gave up on it:
             # mark the error read, or asyncio logs "Future exception was never retrieved".
@@ -131,7 +133,7 @@ class Ticket:
 
     async def result(self) -> Completion:
         try:
-            return await asyncio.wait_for(asyncio.shield(self._job.future), self._remaining())
+            return await asyncio.wait_for(asyncio.shield(self._future), self._remaining())
         except TimeoutError:
             self.cancel()
             raise DeadlineExceeded("the request took longer than the server's deadline") from None
@@ -141,19 +143,64 @@ class Ticket:
 
     async def tokens(self) -> AsyncIterator[int]:
         """Token ids as they are decoded (streamed requests); then `result()` holds the rest."""
-        assert self._job.queue is not None, "submit(stream=True) for tokens()"
+        assert self._queue is not None, "submit(stream=True) for tokens()"
         while True:
             try:
-                item = await asyncio.wait_for(self._job.queue.get(), self._remaining())
+                item = await asyncio.wait_for(self._queue.get(), self._remaining())
             except TimeoutError:
                 self.cancel()
                 raise DeadlineExceeded("the request took longer than the server's deadline") from None
             except asyncio.CancelledError:
                 self.cancel()
                 raise
-            if item is _END:
+            if item is STREAM_END:
                 return
             yield item
+
+
+def context_tokens(checkpoint: Checkpoint, turns: Sequence[str]) -> list[int]:
+    """The last `context_turns` turns joined by <sep>, left-truncated to max_source_len."""
+    cfg = checkpoint.model.cfg
+    return checkpoint.tokenizer.encode_context(list(turns)[-cfg.context_turns:], cfg.max_source_len)
+
+
+def describe(checkpoint: Checkpoint, device: str, engine: dict[str, Any]) -> dict[str, Any]:
+    """GET /api/model: what is loaded and how the engine runs it."""
+    model = checkpoint.model
+    training = {k: v for k, v in checkpoint.config.items() if k not in ("model", "tokenizer", "format")}
+    return {
+        "name": checkpoint.name, "parameters": model.num_parameters(),
+        "vocab_size": checkpoint.tokenizer.vocab_size, "architecture": {
+            "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
+            **model.cfg.__dict__},
+        "training": training, "metrics": dict(checkpoint.metrics), "device": device,
+        "engine": engine,
+    }
+
+
+class Engine(Protocol):
+    """What the routes and the app's lifespan use: ChatEngine (threads of this process) and
+    RemoteEngine (app/remote_engine.py: a ChatEngine in a model worker process)."""
+
+    metrics: Metrics | None
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def active_requests(self) -> int: ...
+    def encode_turns(self, turns: Sequence[str]) -> list[int]: ...
+    def decode(self, tokens: Sequence[int]) -> str: ...
+    def info(self) -> dict[str, Any]: ...
+    async def exposition(self) -> bytes: ...
+    def start(self) -> None: ...
+    async def wait_ready(self, timeout: float = 120.0) -> None: ...
+    async def aclose(self, timeout: float = 30.0) -> None: ...
+    def submit(self, source: list[int], opts: DecodeOptions, *, stream: bool = False,
+               timeout: float | None = None) -> Ticket: ...
 
 
 class ChatEngine:
@@ -205,34 +252,28 @@ class ChatEngine:
         return self._active
 
     def encode_turns(self, turns: Sequence[str]) -> list[int]:
-        """The last `context_turns` turns joined by <sep>, left-truncated to max_source_len."""
-        cfg = self.model.cfg
-        return self.tokenizer.encode_context(list(turns)[-cfg.context_turns:], cfg.max_source_len)
+        return context_tokens(self.checkpoint, turns)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
     def info(self) -> dict[str, Any]:
-        cfg = self.model.cfg
-        training = {k: v for k, v in self.checkpoint.config.items()
-                    if k not in ("model", "tokenizer", "format")}
-        return {
-            "name": self.name, "parameters": self.model.num_parameters(),
-            "vocab_size": self.tokenizer.vocab_size, "architecture": {
-                "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
-                **cfg.__dict__},
-            "training": training, "metrics": dict(self.checkpoint.metrics),
-            "device": str(self.device),
-            "engine": {"max_batch_size": self.config.max_batch_size,
-                       "max_queue": self.config.max_queue,
-                       "num_threads": self.config.num_threads or torch.get_num_threads(),
-                       "encoder_threads": self.config.encoder_threads},
-        }
+        return describe(self.checkpoint, str(self.device), {
+            "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
+            "num_threads": self.config.num_threads or torch.get_num_threads(),
+            "encoder_threads": self.config.encoder_threads, "model_process": False})
+
+    async def exposition(self) -> bytes:
+        """Prometheus text kept outside the app's registry: none, this engine records into the
+        Metrics it was given (the engine in a worker process answers with the worker's)."""
+        return b""
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None:
             return
+        if self.metrics:
+            self.metrics.watch(lambda: self.queue_depth, lambda: self.active_requests)
         self._thread = threading.Thread(target=self._run, name="chatbot-engine", daemon=True)
         self._thread.start()
 
@@ -281,13 +322,15 @@ class ChatEngine:
                                  "retry later", headers={"Retry-After": "1"})
             self._inbox.append(job)
             self._cond.notify_all()  # the encoder thread waits on this condition, and so does the decoder
-        return Ticket(self, job)
+        return Ticket(job.future, prompt_tokens=len(job.source), deadline=job.deadline,
+                      on_cancel=lambda: self._cancel(job), queue=job.queue)
 
     async def generate(self, source: list[int], opts: DecodeOptions, *,
                        timeout: float | None = None) -> Completion:
         return await self.submit(source, opts, timeout=timeout).result()
 
-    def _wake(self) -> None:
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled = True
         with self._cond:
             self._cond.notify_all()
 
@@ -536,7 +579,7 @@ class ChatEngine:
             if not job.future.done():
                 job.future.set_result(result)
             if job.queue is not None:
-                job.queue.put_nowait(_END)
+                job.queue.put_nowait(STREAM_END)
         self._call(job, deliver)
 
     def _fail(self, job: _Job, error: ServiceError) -> None:
@@ -544,5 +587,5 @@ class ChatEngine:
             if not job.future.done():
                 job.future.set_exception(error)
             if job.queue is not None:
-                job.queue.put_nowait(_END)
+                job.queue.put_nowait(STREAM_END)
         self._call(job, deliver)

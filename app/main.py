@@ -6,12 +6,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .engine import ChatEngine, EngineConfig
+from .engine import ChatEngine, Engine, EngineConfig
 from .errors import error_responses, install_error_handlers
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import BodyLimitMiddleware
@@ -19,6 +19,9 @@ from .ratelimit import RateLimiter, RateLimitMiddleware, document_rate_limit
 from .routes import chat, health, openai, page
 from .routes.common import api_key_check
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from model.checkpoint import Checkpoint
 
 log = logging.getLogger("chatbot.app")
 
@@ -29,12 +32,33 @@ def engine_config(settings: Settings) -> EngineConfig:
                         seed=settings.seed)
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
-    """Load the checkpoint (slow: call off the event loop) and wrap it in an engine."""
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """Load the checkpoint (slow: call off the event loop) and wrap it in an engine: in a model
+    worker process of its own (CHATBOT_MODEL_PROCESS, the default; this process keeps the
+    tokenizer and the model's description) or on threads of this process. A missing or broken
+    checkpoint raises CheckpointError here, before anything starts."""
     from model.checkpoint import load_checkpoint
-    from model.fastpath import FastDecoder
+
+    if settings.model_process:
+        from .remote_engine import RemoteEngine
+
+        checkpoint = load_checkpoint(settings.checkpoint_path(), device="cpu")
+        return RemoteEngine(checkpoint, settings, metrics=metrics)
+    checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
+    return _local_engine(checkpoint, settings, metrics)
+
+
+def build_local_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
+    """The engine on threads of this process (the model worker process builds its own so)."""
+    from model.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
+    return _local_engine(checkpoint, settings, metrics)
+
+
+def _local_engine(checkpoint: Checkpoint, settings: Settings, metrics: Metrics | None) -> ChatEngine:
+    from model.fastpath import FastDecoder
+
     if not settings.fast_decoder and settings.quantize == "none":
         return ChatEngine(checkpoint, engine_config(settings), metrics=metrics)
     fast = FastDecoder(checkpoint.model, quantize=None if settings.quantize == "none" else settings.quantize)
@@ -42,9 +66,12 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngi
                       metrics=metrics)
 
 
-def create_app(settings: Settings | None = None, engine: ChatEngine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = engine.metrics if engine is not None and engine.metrics is not None else Metrics()
+    if engine is not None and engine.metrics is not None:
+        metrics = engine.metrics
+    else:  # a ChatEngine given without metrics records into the app's; a model worker has its own
+        metrics = Metrics(engine=engine is not None or not settings.model_process)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,7 +80,6 @@ def create_app(settings: Settings | None = None, engine: ChatEngine | None = Non
             served = await asyncio.to_thread(build_engine, settings, metrics)
         elif served.metrics is None:
             served.metrics = metrics
-        metrics.watch(lambda: served.queue_depth, lambda: served.active_requests)
         served.start()
         await served.wait_ready()
         app.state.engine = served

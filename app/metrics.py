@@ -15,14 +15,27 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The HTTP families (recorded by MetricsMiddleware) and the engine's. When the model runs
+    in its own process, each process registers its own half: `http=False` there,
+    `engine=False` here, and /metrics joins the two texts."""
+
+    def __init__(self, *, http: bool = True, engine: bool = True) -> None:
         self.registry = CollectorRegistry()
+        if http:
+            self._http_families()
+        if engine:
+            self._engine_families()
+
+    def _http_families(self) -> None:
         r = self.registry
         self.requests = Counter("chatbot_requests", "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("chatbot_request_duration_seconds",
                                  "Time from request to the last byte of the response",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def _engine_families(self) -> None:
+        r = self.registry
         self.queue_wait = Histogram("chatbot_queue_wait_seconds",
                                     "Time a request waited before joining the batch",
                                     buckets=LATENCY_BUCKETS, registry=r)

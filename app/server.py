@@ -51,7 +51,6 @@ def serve(checkpoint: Path | None = None, host: str | None = None, port: int | N
     import uvicorn
 
     from .main import build_engine, create_app
-    from .metrics import Metrics
 
     flags = {"checkpoint": checkpoint, "host": host, "port": port}
     try:
@@ -60,9 +59,8 @@ def serve(checkpoint: Path | None = None, host: str | None = None, port: int | N
         print(f"chatbot serve: error: bad setting: {_settings_error(exc)}", file=sys.stderr)
         return 2
     path = settings.checkpoint_path()
-    metrics = Metrics()
     try:
-        engine = build_engine(settings, metrics)
+        engine = build_engine(settings)
     except CheckpointError as exc:
         hint = ""
         if settings.checkpoint is None:

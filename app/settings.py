@@ -41,6 +41,9 @@ class Settings(BaseSettings):
                              "cores but one (left to the encoder thread and the HTTP loop), at least 1")
     encoder_threads: int = Field(1, ge=1, le=256, description="torch threads of the encoder thread, "
                                  "which encodes new requests while the decoder thread decodes")
+    model_process: bool = Field(True, description="Run the model in a worker process of its own, "
+                                "HTTP in this one (more requests/s under concurrent load, see "
+                                "docs/PERFORMANCE.md); false: on threads of the HTTP process")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fast_decoder: bool = Field(True, description="The fused decoder step (model/fastpath.py); same "
                                "results as the reference step, about 2x faster per token on CPU")

@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from model.decoding import Hypothesis
 
-from ..engine import ChatEngine
+from ..engine import Engine
 from ..errors import ClientGone, InvalidRequest, NotReady, Unauthorized
 from ..settings import Settings
 
@@ -28,8 +28,8 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-async def get_engine(request: Request) -> ChatEngine:
-    engine: ChatEngine | None = getattr(request.app.state, "engine", None)
+async def get_engine(request: Request) -> Engine:
+    engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None or not engine.ready:
         raise NotReady("the model is not loaded yet" if engine is None else "the engine is not running",
                        headers={"Retry-After": "1"})
@@ -37,7 +37,7 @@ async def get_engine(request: Request) -> ChatEngine:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[ChatEngine, Depends(get_engine)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
 
 bearer = HTTPBearer(auto_error=False, description="The key set in CHATBOT_API_KEY")
 
@@ -103,7 +103,7 @@ def _finite(score: float) -> float:
     return float(score) if math.isfinite(score) else -1e9
 
 
-def replies(engine: ChatEngine, hyps: Sequence[Hypothesis]) -> list[Reply]:
+def replies(engine: Engine, hyps: Sequence[Hypothesis]) -> list[Reply]:
     """Decoded hypotheses, best score first."""
     out = [Reply(text=engine.decode(h.tokens), score=_finite(h.score), tokens=len(h.tokens),
                  finished=h.finished) for h in hyps]

@@ -31,7 +31,11 @@ async def ready(engine: EngineDep) -> Ready:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: requests by route and status, latency histograms, queue
     depth, batch sizes, tokens generated."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(request.app.state.metrics.registry)
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:  # the model worker process's families
+        body += await engine.exposition()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @protected.get("/api/model", response_model=ModelInfo, responses=error_responses(503))

@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from model.decoding import DecodeOptions
 
-from ..engine import ChatEngine, Completion, Ticket
+from ..engine import Completion, Engine, Ticket
 from ..errors import NotFound, ServiceError, error_responses, status_of
 from ..schemas import (
     MIN_TOP_P,
@@ -106,7 +106,7 @@ def _finish(reply: Reply) -> str:
     return "stop" if reply.finished else "length"
 
 
-def completion_body(engine: ChatEngine, completion: Completion, chosen: list[Reply],
+def completion_body(engine: Engine, completion: Completion, chosen: list[Reply],
                     request_id: str) -> ChatCompletion:
     tokens = sum(r.tokens for r in chosen)
     return ChatCompletion(
@@ -142,7 +142,7 @@ class _Chunks:
         return self.event({"error": {"message": exc.message, "type": type_, "code": str(status)}})
 
 
-async def _token_events(engine: ChatEngine, ticket: Ticket, tokens: AsyncIterator[int],
+async def _token_events(engine: Engine, ticket: Ticket, tokens: AsyncIterator[int],
                         first: int | None, chunks: _Chunks, include_usage: bool) -> AsyncIterator[str]:
     try:
         yield chunks.delta({"role": "assistant", "content": ""})
@@ -227,7 +227,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _card(engine: ChatEngine) -> ModelCard:
+def _card(engine: Engine) -> ModelCard:
     return ModelCard(id=engine.name, created=STARTED)
 
 

@@ -83,8 +83,11 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(make_app, ckpt: Che
 
 
 # -- SIGTERM under load ---------------------------------------------------------------------------
-SLOW_SERVE = """
-import sys, time
+# Loaded at start-up by every Python process of the server (the HTTP process and the model
+# worker it spawns) through PYTHONPATH: every decoder step takes 20 ms more, so that requests
+# stay in flight.
+SLOW_STEP = """
+import time
 import app.batching as batching
 real = batching.default_step
 def slow(model):
@@ -93,9 +96,7 @@ def slow(model):
         time.sleep(0.02)
         return step(tokens, rows)
     return run
-batching.default_step = slow  # every decoder step takes 20 ms more: requests stay in flight
-from app.cli import main
-sys.exit(main(sys.argv[1:]))
+batching.default_step = slow
 """
 
 
@@ -107,13 +108,18 @@ def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
         return -1, repr(exc)
 
 
-def test_sigterm_under_load_finishes_every_request_in_flight(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("model_process", ["true", "false"])
+def test_sigterm_under_load_finishes_every_request_in_flight(tiny_checkpoint: Path, tmp_path: Path,
+                                                             model_process: str) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # the reference step, which SLOW_SERVE slows down (the fast step is the default)
+    (tmp_path / "sitecustomize.py").write_text(SLOW_STEP)
+    # the reference step, which SLOW_STEP slows down (the fast step is the default)
     env = subprocess_env(CHATBOT_MAX_BATCH_SIZE="4", CHATBOT_LOG_LEVEL="warning",
-                         CHATBOT_SHUTDOWN_TIMEOUT_S="60", CHATBOT_FAST_DECODER="false")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", "--checkpoint", str(tiny_checkpoint),
+                         CHATBOT_SHUTDOWN_TIMEOUT_S="60", CHATBOT_FAST_DECODER="false",
+                         CHATBOT_MODEL_PROCESS=model_process)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(tiny_checkpoint),
                              "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
