@@ -36,7 +36,7 @@ from model.decoding import DecodeOptions
 
 from . import wire
 from .engine import STREAM_END, Completion, Ticket, context_tokens, describe
-from .errors import NotReady
+from .errors import NotReady, Overloaded
 from .metrics import Metrics
 from .settings import Settings
 
@@ -63,6 +63,9 @@ class RemoteEngine:
         self._device = settings.resolved_device()
         self._ids = itertools.count()
         self._pending: dict[int, _Pending] = {}
+        # The worker refuses what its queue cannot hold (429); this bounds what waits here if
+        # it stops reading.
+        self._max_pending = settings.max_queue + settings.max_batch_size
         self._scrapes: dict[int, asyncio.Future[bytes]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -72,6 +75,7 @@ class RemoteEngine:
         self._queue_depth = 0
         self._active = 0
         self._started: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
         self._startup_error: str | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -135,6 +139,9 @@ class RemoteEngine:
         if not self.ready:
             raise NotReady("the server is shutting down" if self._closing else
                            "the model is not loaded yet", headers={"Retry-After": "1"})
+        if len(self._pending) >= self._max_pending:  # the worker is not keeping up, or stuck
+            raise Overloaded(f"{len(self._pending)} requests are waiting for the model; retry later",
+                             headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         rid = next(self._ids)
         pending = _Pending(loop.create_future(), asyncio.Queue() if stream else None)
@@ -159,6 +166,7 @@ class RemoteEngine:
         if self._supervisor is not None:
             return
         self._started = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
@@ -173,6 +181,8 @@ class RemoteEngine:
     async def aclose(self, timeout: float = 30.0) -> None:
         """Stop taking requests; the worker finishes what it holds (up to `timeout`), then exits."""
         self._closing = True
+        if self._stopping is not None:
+            self._stopping.set()
         supervisor = self._supervisor
         if supervisor is None:
             return
@@ -204,7 +214,9 @@ class RemoteEngine:
                 delay = RESTART_DELAY_S[0]
             log.error("the model worker exited (%s); restarting it in %.0f s", code, delay)
             self.restarts += 1
-            await asyncio.sleep(delay)
+            assert self._stopping is not None
+            with contextlib.suppress(TimeoutError):  # aclose() ends the wait
+                await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, RESTART_DELAY_S[1])
             if self._closing:
                 return

@@ -17,8 +17,9 @@ It starts the server as a subprocess on 127.0.0.1 and a free port, with a small 
 Every request must end in 200, 429 or 503 (504 too in the deadline phase); any other
 status, a transport error, a client timeout or a stream that does not end in
 `data: [DONE]` counts as lost, and the script exits 1. The server's resident memory
-(VmRSS from /proc) is read when it is ready, every few seconds, and at the end; the
-server is then stopped with SIGTERM and must exit cleanly without a traceback in its log.
+(VmRSS from /proc, its model worker process's included) is read when it is ready, every
+few seconds, and at the end; the server is then stopped with SIGTERM and must exit
+cleanly without a traceback in its log.
 Latency is measured at the client, from sending to reading the whole reply.
 """
 
@@ -65,6 +66,25 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:  # fields: state, ppid, ...
+                found.append(int(stat.parent.name))
+    return found
+
+
+def server_rss_mib(pid: int) -> float:
+    """The server's resident memory with its model worker process's (when it runs one)."""
+    total = rss_mib(pid)
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            total += rss_mib(child)
+    return total
+
+
 class Server:
     def __init__(self, checkpoint: Path, log: Path, **settings: Any) -> None:
         self.port = free_port()
@@ -93,7 +113,7 @@ class Server:
         self.sample()
 
     def sample(self) -> None:
-        self.rss.append(rss_mib(self.proc.pid))
+        self.rss.append(server_rss_mib(self.proc.pid))
 
     def stop(self) -> tuple[int, bool]:
         """SIGTERM; returns the exit status and whether the log is free of tracebacks."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.errors import DeadlineExceeded, NotReady
+from app.errors import DeadlineExceeded, NotReady, Overloaded
 from app.main import build_engine, create_app
 from app.remote_engine import RemoteEngine
 from model.checkpoint import Checkpoint
@@ -224,3 +224,33 @@ def test_the_worker_exits_when_the_server_is_killed(tiny_checkpoint: Path) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_a_stuck_worker_bounds_what_waits_for_it(tiny_checkpoint: Path, gate: Path) -> None:
+    engine = build_engine(make_settings(tiny_checkpoint, model_process=True, fast_decoder=False,
+                                        max_queue=2, max_batch_size=1))
+    engine.start()
+    await engine.wait_ready()
+    try:
+        gate.touch()
+        held = [engine.submit([5, 6, 7], DecodeOptions(max_length=4), timeout=30)]
+        await _held(gate)
+        held += [engine.submit([5, 6, i], DecodeOptions(max_length=4), timeout=30) for i in (8, 9)]
+        with pytest.raises(Overloaded):  # 2 queued + 1 decoding: no more may wait on this side
+            engine.submit([5, 6], DecodeOptions(max_length=4), timeout=30)
+        gate.unlink()
+        assert all(r.hypotheses for r in await asyncio.gather(*(t.result() for t in held)))
+        assert (await engine.submit([5, 6], DecodeOptions(max_length=4), timeout=30).result()).hypotheses
+    finally:
+        gate.unlink(missing_ok=True)
+        await engine.aclose(timeout=5)
+
+
+async def test_shutdown_while_the_worker_restarts_does_not_wait_for_it(remote: RemoteEngine) -> None:
+    assert remote.worker_pid is not None
+    os.kill(remote.worker_pid, signal.SIGKILL)
+    while remote.ready:
+        await asyncio.sleep(0.01)
+    began = time.monotonic()
+    await remote.aclose(timeout=5)
+    assert time.monotonic() - began < 3 and remote.restarts <= 1 and not remote.ready
