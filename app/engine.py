@@ -158,24 +158,37 @@ class Ticket:
             yield item
 
 
-def context_tokens(checkpoint: Checkpoint, turns: Sequence[str]) -> list[int]:
-    """The last `context_turns` turns joined by <sep>, left-truncated to max_source_len."""
-    cfg = checkpoint.model.cfg
-    return checkpoint.tokenizer.encode_context(list(turns)[-cfg.context_turns:], cfg.max_source_len)
+class ServedCheckpoint:
+    """What both engines (ChatEngine here, RemoteEngine in app/remote_engine.py) tell of the
+    checkpoint they serve, and its tokenizer both ways: the routes tokenise and decode with it."""
 
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.tokenizer = checkpoint.tokenizer
 
-def describe(checkpoint: Checkpoint, device: str, engine: dict[str, Any]) -> dict[str, Any]:
-    """GET /api/model: what is loaded and how the engine runs it."""
-    model = checkpoint.model
-    training = {k: v for k, v in checkpoint.config.items() if k not in ("model", "tokenizer", "format")}
-    return {
-        "name": checkpoint.name, "parameters": model.num_parameters(),
-        "vocab_size": checkpoint.tokenizer.vocab_size, "architecture": {
-            "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
-            **model.cfg.__dict__},
-        "training": training, "metrics": dict(checkpoint.metrics), "device": device,
-        "engine": engine,
-    }
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+    def encode_turns(self, turns: Sequence[str]) -> list[int]:
+        """The last `context_turns` turns joined by <sep>, left-truncated to max_source_len."""
+        cfg = self.checkpoint.model.cfg
+        return self.tokenizer.encode_context(list(turns)[-cfg.context_turns:], cfg.max_source_len)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _describe(self, device: str, engine: dict[str, Any]) -> dict[str, Any]:
+        """GET /api/model: what is loaded and how the engine runs it."""
+        ck = self.checkpoint
+        training = {k: v for k, v in ck.config.items() if k not in ("model", "tokenizer", "format")}
+        return {
+            "name": ck.name, "parameters": ck.model.num_parameters(),
+            "vocab_size": self.tokenizer.vocab_size, "architecture": {
+                "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
+                **ck.model.cfg.__dict__},
+            "training": training, "metrics": dict(ck.metrics), "device": device, "engine": engine,
+        }
 
 
 class Engine(Protocol):
@@ -203,13 +216,12 @@ class Engine(Protocol):
                timeout: float | None = None) -> Ticket: ...
 
 
-class ChatEngine:
+class ChatEngine(ServedCheckpoint):
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, *,
                  step: StepFn | None = None, encode: EncodeFn | None = None,
                  metrics: Metrics | None = None) -> None:
-        self.checkpoint = checkpoint
+        super().__init__(checkpoint)
         self.model = checkpoint.model.eval()
-        self.tokenizer = checkpoint.tokenizer
         self.config = config or EngineConfig()
         self.metrics = metrics
         self.device = next(self.model.parameters()).device
@@ -233,10 +245,6 @@ class ChatEngine:
 
     # -- what the routes read -----------------------------------------------------
     @property
-    def name(self) -> str:
-        return self.checkpoint.name
-
-    @property
     def ready(self) -> bool:
         return (self._ready.is_set() and self._startup_error is None and not self._closing
                 and self._thread is not None and self._thread.is_alive()
@@ -251,14 +259,8 @@ class ChatEngine:
     def active_requests(self) -> int:
         return self._active
 
-    def encode_turns(self, turns: Sequence[str]) -> list[int]:
-        return context_tokens(self.checkpoint, turns)
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(tokens)
-
     def info(self) -> dict[str, Any]:
-        return describe(self.checkpoint, str(self.device), {
+        return self._describe(str(self.device), {
             "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
             "num_threads": self.config.num_threads or torch.get_num_threads(),
             "encoder_threads": self.config.encoder_threads, "model_process": False})

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,9 +19,6 @@ from .ratelimit import RateLimiter, RateLimitMiddleware, document_rate_limit
 from .routes import chat, health, openai, page
 from .routes.common import api_key_check
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from model.checkpoint import Checkpoint
 
 log = logging.getLogger("chatbot.app")
 
@@ -42,23 +39,17 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     if settings.model_process:
         from .remote_engine import RemoteEngine
 
-        checkpoint = load_checkpoint(settings.checkpoint_path(), device="cpu")
-        return RemoteEngine(checkpoint, settings, metrics=metrics)
-    checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
-    return _local_engine(checkpoint, settings, metrics)
+        return RemoteEngine(load_checkpoint(settings.checkpoint_path(), device="cpu"), settings,
+                            metrics=metrics)
+    return build_local_engine(settings, metrics)
 
 
 def build_local_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
     """The engine on threads of this process (the model worker process builds its own so)."""
     from model.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
-    return _local_engine(checkpoint, settings, metrics)
-
-
-def _local_engine(checkpoint: Checkpoint, settings: Settings, metrics: Metrics | None) -> ChatEngine:
     from model.fastpath import FastDecoder
 
+    checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
     if not settings.fast_decoder and settings.quantize == "none":
         return ChatEngine(checkpoint, engine_config(settings), metrics=metrics)
     fast = FastDecoder(checkpoint.model, quantize=None if settings.quantize == "none" else settings.quantize)

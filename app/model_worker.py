@@ -39,44 +39,39 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd = int((argv if argv is not None else sys.argv[1:])[0])
-    sock = socket.socket(fileno=fd)
-    settings = _read_settings(sock)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvloop
 
-    uvloop.run(_Worker(sock, settings).serve())
+    uvloop.run(_connect(socket.socket(fileno=fd)))
 
 
-def _read_settings(sock: socket.socket) -> Settings:
-    with sock.makefile("rb", buffering=0) as stream:
-        settings = wire.read_blocking(stream)
+async def _connect(sock: socket.socket) -> None:
+    reader, writer = await asyncio.open_connection(sock=sock)
+    settings = await wire.read(reader)
     if not isinstance(settings, Settings):
         raise SystemExit("app.model_worker: the first frame must be the Settings")
-    return settings
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    await _Worker(settings, writer).serve(reader)
 
 
 class _Worker:
-    def __init__(self, sock: socket.socket, settings: Settings) -> None:
-        self.sock = sock
+    def __init__(self, settings: Settings, writer: asyncio.StreamWriter) -> None:
         self.settings = settings
+        self.writer = writer
         self.metrics = Metrics(http=False)
         self.engine: ChatEngine | None = None
         self.tickets: dict[int, Ticket] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.writer: asyncio.StreamWriter | None = None
 
     def send(self, message: tuple[Any, ...]) -> None:
         engine = self.engine
         stats = (engine.queue_depth, engine.active_requests) if engine is not None else (0, 0)
-        assert self.writer is not None
         if not self.writer.is_closing():
             self.writer.write(wire.frame((*stats, message)))
 
-    async def serve(self) -> None:
+    async def serve(self, reader: asyncio.StreamReader) -> None:
         from .main import build_local_engine
 
-        reader, self.writer = await asyncio.open_connection(sock=self.sock)
         try:
             engine = await asyncio.to_thread(build_local_engine, self.settings, self.metrics)
             engine.start()
@@ -86,8 +81,7 @@ class _Worker:
             self.send(("failed", str(exc) or type(exc).__name__))
             await self.writer.drain()
             return
-        self.engine = engine
-        self.metrics.watch(lambda: engine.queue_depth, lambda: engine.active_requests)
+        self.engine = engine  # its start() registered the queue and active-request gauges
         self.send(("ready", os.getpid()))
         close_timeout: float | None = None
         while True:
@@ -143,9 +137,9 @@ class _Worker:
             pass
         except ServiceError as exc:
             self.send(wire.error_message(rid, exc))
-        except Exception as exc:
+        except Exception:  # logged here; the client gets a plain 500 without the details
             log.exception("request %d failed", rid)
-            self.send(wire.error_message(rid, EngineFailure(f"the model worker failed: {exc}")))
+            self.send(wire.error_message(rid, EngineFailure("the model failed on this request")))
         finally:
             self.tickets.pop(rid, None)
 

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions
 
 from . import wire
-from .engine import STREAM_END, Completion, Ticket, context_tokens, describe
+from .engine import STREAM_END, Completion, ServedCheckpoint, Ticket
 from .errors import NotReady, Overloaded
 from .metrics import Metrics
 from .settings import Settings
@@ -53,11 +52,10 @@ class _Pending:
     queue: asyncio.Queue[Any] | None
 
 
-class RemoteEngine:
+class RemoteEngine(ServedCheckpoint):
     def __init__(self, checkpoint: Checkpoint, settings: Settings, *,
                  metrics: Metrics | None = None) -> None:
-        self.checkpoint = checkpoint
-        self.tokenizer = checkpoint.tokenizer
+        super().__init__(checkpoint)
         self.settings = settings
         self.metrics = metrics or Metrics(engine=False)  # the worker records the engine's own
         self._device = settings.resolved_device()
@@ -82,10 +80,6 @@ class RemoteEngine:
 
     # -- what the routes read -----------------------------------------------------------------
     @property
-    def name(self) -> str:
-        return self.checkpoint.name
-
-    @property
     def ready(self) -> bool:
         return self._ready and not self._closing
 
@@ -102,15 +96,9 @@ class RemoteEngine:
     def worker_pid(self) -> int | None:
         return self._worker_pid
 
-    def encode_turns(self, turns: Sequence[str]) -> list[int]:
-        return context_tokens(self.checkpoint, turns)
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(tokens)
-
     def info(self) -> dict[str, Any]:
         s = self.settings
-        return describe(self.checkpoint, self._device, {
+        return self._describe(self._device, {
             "max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
             "num_threads": s.threads(), "encoder_threads": s.encoder_threads,
             "model_process": True, "worker_pid": self._worker_pid, "worker_restarts": self.restarts})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
-from typing import Any, BinaryIO
+from typing import Any
 
 from model.decoding import Hypothesis
 
@@ -45,22 +45,6 @@ async def read(reader: asyncio.StreamReader) -> Any:
     """The next message; asyncio.IncompleteReadError when the other side has gone."""
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     return pickle.loads(await reader.readexactly(size))
-
-
-def read_blocking(stream: BinaryIO) -> Any:
-    """The next message from a blocking, unbuffered stream; EOFError when the other side has gone."""
-    (size,) = _HEADER.unpack(_exactly(stream, _HEADER.size))
-    return pickle.loads(_exactly(stream, size))
-
-
-def _exactly(stream: BinaryIO, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = stream.read(size - len(data))
-        if not chunk:
-            raise EOFError("the other process closed the connection")
-        data += chunk
-    return data
 
 
 def error_message(rid: int, exc: ServiceError) -> tuple[Any, ...]:
