@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--init", metavar="DIR|shipped",
+                   help="start from this checkpoint's weights, tokenizer and [model] config")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="auto (default): bf16 where the CPU has it natively and it measures faster")
+    t.add_argument("--reverse", action="store_true", default=None,
+                   help="train the reverse model p(message | reply) used by MMI reranking")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="score a checkpoint; prints one JSON object")
@@ -48,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-generate", type=int, default=1000,
                    help="pairs decoded for BLEU and distinct-n (loss uses the whole split)")
     e.add_argument("--no-samples", action="store_true", help="leave out the sample replies")
+    e.add_argument("--setting-pairs", type=int, default=200,
+                   help="pairs each decoding setting replies to for the reply statistics (0: none)")
 
     c = sub.add_parser("chat", help="talk to a checkpoint in the terminal")
     c.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the shipped model)")
@@ -64,9 +72,10 @@ def _train(args: argparse.Namespace) -> int:
         "max_steps": args.max_steps, "epochs": args.epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "eval_every": args.eval_every,
         "checkpoint_every": args.checkpoint_every, "num_threads": args.threads, "seed": args.seed,
+        "precision": args.precision, "reverse": args.reverse,
     }}
     result = run_training(corpus=args.corpus, out=args.out, config=args.config, resume=args.resume,
-                          overrides=overrides, progress=not args.no_progress)
+                          overrides=overrides, progress=not args.no_progress, init=args.init)
     if not result.get("rank"):  # under torchrun, rank 0 alone prints
         print(json.dumps(result, indent=2))
     return 130 if result.get("interrupted") else 0
@@ -76,7 +85,8 @@ def _eval(args: argparse.Namespace) -> int:
     from model.train_cli import run_eval
 
     result = run_eval(checkpoint=args.checkpoint, corpus=args.corpus, split=args.split,
-                      max_generate=args.max_generate, samples=not args.no_samples)
+                      max_generate=args.max_generate, samples=not args.no_samples,
+                      setting_pairs=args.setting_pairs)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 

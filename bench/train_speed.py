@@ -16,6 +16,9 @@ gradient clipping, forward + backward + update:
   a packed bidirectional encoder.
 
 Figures are target tokens per second (real tokens, end-of-reply included, padding not).
+Each precision (`--precisions`, default fp32 then auto) runs both loops; `auto` says what
+it chose and why (the trainer's timed check, model/precision.py); the tutorial loop runs
+under the same autocast.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="600 pairs")
     p.add_argument("--pairs", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=4096, help="target tokens per batch at most")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=("fp32", "bf16", "auto"),
+                   help="trainer precisions, side by side in this run (the first is the baseline)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     p.add_argument("--threads", type=int, default=available_cores())
     p.add_argument("--seed", type=int, default=1234)
@@ -75,44 +81,52 @@ def main() -> None:
           f"trained on them; data ready in {time.perf_counter() - started:.0f} s)")
     print(f"# {machine_line()}\n")
 
-    cfg = RunConfig(model=mcfg, tokenizer=TokenizerConfig(vocab_size=mcfg.vocab_size),
-                    train=TrainConfig(batch_size=args.batch_size, max_batch_tokens=4096, warmup_steps=10,
-                                      num_threads=args.threads, seed=args.seed))
     results = {}
+    for mode in args.precisions:
+        cfg = RunConfig(model=mcfg, tokenizer=TokenizerConfig(vocab_size=mcfg.vocab_size),
+                        train=TrainConfig(batch_size=args.batch_size, max_batch_tokens=args.max_tokens,
+                                          warmup_steps=10, num_threads=args.threads, seed=args.seed,
+                                          precision=mode))
+        # The project's trainer, its own step function on its own batches, in this precision.
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Corpus(tokenizer, examples, examples[:8], [], {})
+            trainer = Trainer(cfg, corpus, Path(tmp), progress=False)
+            trainer.model.train()
+            batches = make_batches(examples, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                   seed=args.seed)
+            for idx in batches[: args.warmup]:
+                trainer._train_step(collate([examples[i] for i in idx]))
+            start, tokens = time.perf_counter(), 0
+            for idx in batches:
+                batch = collate([examples[i] for i in idx])
+                trainer._train_step(batch)
+                tokens += batch.num_tokens
+            name = f"project {mode} ({trainer.precision.name})"
+            results[name] = (tokens, time.perf_counter() - start, len(batches))
+            print(f"  {name}: {len(batches)} batches, {results[name][1]:.1f} s; {trainer.precision.reason}",
+                  flush=True)
 
-    # The project's trainer, its own step function on its own batches.
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Corpus(tokenizer, examples, examples[:8], [], {}), Path(tmp), progress=False)
-        trainer.model.train()
-        batches = make_batches(examples, batch_size=args.batch_size, max_tokens=4096, seed=args.seed)
-        for idx in batches[: args.warmup]:
-            trainer._train_step(collate([examples[i] for i in idx]))
-        start, tokens = time.perf_counter(), 0
-        for idx in batches:
-            batch = collate([examples[i] for i in idx])
-            trainer._train_step(batch)
-            tokens += batch.num_tokens
-        results["project"] = (tokens, time.perf_counter() - start, len(batches))
-        print(f"  project : {len(batches)} batches, {results['project'][1]:.1f} s", flush=True)
+        # The tutorial's loop, same initial weights, random unbucketed batches, same precision.
+        torch.manual_seed(args.seed)
+        tut = tutorial.TutorialSeq2Seq(Seq2Seq(mcfg)).train()
+        opt = torch.optim.AdamW(tut.parameters(), lr=cfg.train.learning_rate, betas=(0.9, 0.98))
+        order = list(range(len(examples)))
+        random.Random(args.seed).shuffle(order)
+        chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        with trainer.precision.autocast():
+            for idx in chunks[: args.warmup]:
+                tutorial.train_step(tut, opt, [examples[i] for i in idx])
+            start, tokens = time.perf_counter(), 0
+            for idx in chunks:
+                tokens += tutorial.train_step(tut, opt, [examples[i] for i in idx])
+        name = f"tutorial {trainer.precision.name}"
+        results[name] = (tokens, time.perf_counter() - start, len(chunks))
+        print(f"  {name}: {len(chunks)} batches, {results[name][1]:.1f} s\n", flush=True)
 
-    # The tutorial's loop, same initial weights, random unbucketed batches.
-    torch.manual_seed(args.seed)
-    tut = tutorial.TutorialSeq2Seq(Seq2Seq(mcfg)).train()
-    opt = torch.optim.AdamW(tut.parameters(), lr=cfg.train.learning_rate, betas=(0.9, 0.98))
-    order = list(range(len(examples)))
-    random.Random(args.seed).shuffle(order)
-    chunks = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    for idx in chunks[: args.warmup]:
-        tutorial.train_step(tut, opt, [examples[i] for i in idx])
-    start, tokens = time.perf_counter(), 0
-    for idx in chunks:
-        tokens += tutorial.train_step(tut, opt, [examples[i] for i in idx])
-    results["tutorial"] = (tokens, time.perf_counter() - start, len(chunks))
-    print(f"  tutorial: {len(chunks)} batches, {results['tutorial'][1]:.1f} s\n", flush=True)
-
-    tut_tps = results["tutorial"][0] / results["tutorial"][1]
-    print(table(["trainer", "batches", "seconds", "target tok/s", "vs tutorial"], [
-        [name, n_batches, secs, toks / secs, toks / secs / tut_tps]
+    base = next(iter(results.values()))
+    base_tps = base[0] / base[1]
+    print(table(["trainer", "batches", "seconds", "target tok/s", f"vs {next(iter(results))}"], [
+        [name, n_batches, secs, toks / secs, toks / secs / base_tps]
         for name, (toks, secs, n_batches) in results.items()]))
     print(f"\n# finished {time.strftime('%Y-%m-%d %H:%M')}; {machine_line()}")
 

@@ -44,6 +44,9 @@ class TokenizerConfig:
     lowercase: bool = False
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 64  # pairs per batch (a token budget caps long buckets)
@@ -67,6 +70,12 @@ class TrainConfig:
     max_eval_pairs: int = 4000  # validation subset size for periodic evals
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
+    # "auto": bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX) where a short check at start
+    # measures it faster, float32 elsewhere; CUDA keeps its mixed precision in every mode but "fp32"
+    precision: str = "auto"
+    # train the reverse model p(context | reply) for MMI reranking: the source is the reply, the
+    # target the last context turn (the message it answers)
+    reverse: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -75,6 +84,8 @@ class TrainConfig:
             raise ValueError("learning_rate must be > 0")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError("schedule must be 'cosine' or 'constant'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if not 0.0 < self.teacher_forcing_ratio <= 1.0:
             raise ValueError("teacher_forcing_ratio must be in (0, 1]")
 

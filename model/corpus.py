@@ -167,3 +167,9 @@ def make_pairs(conversations: Iterable[Conversation], context_turns: int) -> lis
             context = tuple(turns[max(0, i - context_turns):i])
             pairs.append(Pair(context=context, response=turns[i]))
     return pairs
+
+
+def reverse_pairs(pairs: Iterable[Pair]) -> list[Pair]:
+    """The reverse model's pairs (MMI reranking scores log p(message | reply)): each reply
+    becomes the context and the message it answered (the last context turn) the response."""
+    return [Pair(context=(p.response,), response=p.context[-1]) for p in pairs]

@@ -43,6 +43,7 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .finetune import InitWeights
     from .network import Seq2Seq
     from .training import Corpus
 
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_ENV = "CHATBOT_DIST_BACKEND"  # gloo or nccl; default: nccl with GPUs, gloo without
 
-Setup = tuple["RunConfig", "Corpus", "dict[str, Any] | None"]
+Setup = tuple["RunConfig", "Corpus", "dict[str, Any] | None", "InitWeights | None"]
 
 
 class _LossOf(nn.Module):
@@ -151,23 +152,24 @@ class DistContext:
         box: list[Any] = [None]
         if self.is_main:
             try:
-                cfg, data, state = prepare()
+                cfg, data, state, init = prepare()
             except Exception as exc:
                 box[0] = ("error", _picklable(exc))
                 dist.broadcast_object_list(box, src=0)
                 raise
             # The tokenizer travels as its JSON; examples are plain lists of ints.
             box[0] = ("ok", (cfg, data.tokenizer.to_str(), data.tokenizer.lowercase, data.train,
-                             data.valid, data.test, data.summary, state))
+                             data.valid, data.test, data.summary, state, init))
             dist.broadcast_object_list(box, src=0)
-            return cfg, data, state
+            return cfg, data, state, init
         dist.broadcast_object_list(box, src=0)
         kind, payload = box[0]
         if kind == "error":
             raise payload
-        cfg, tok_json, lowercase, train, valid, test, summary, state = payload
+        cfg, tok_json, lowercase, train, valid, test, summary, state, init = payload
         tokenizer = Tokenizer.from_str(tok_json, lowercase=lowercase)
-        return cfg, Corpus(tokenizer=tokenizer, train=train, valid=valid, test=test, summary=summary), state
+        corpus = Corpus(tokenizer=tokenizer, train=train, valid=valid, test=test, summary=summary)
+        return cfg, corpus, state, init
 
     def compare_replicas(self, model: nn.Module) -> dict[str, Any]:
         """Whether every rank holds the same weights: per-rank digests and the largest difference."""

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint, shipped_checkpoint_path
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, shipped_checkpoint_path
 from .config import RunConfig, load_run_config
 from .decoding import DecodeOptions
 from .distributed import init_from_env
-from .evaluation import evaluate_loss, generation_metrics, sample_replies
+from .evaluation import evaluate_loss, generation_metrics, named_settings, sample_replies, setting_metrics
+from .finetune import InitWeights, config_from_init, init_description, load_init
 from .tokenizer import Tokenizer
 from .training import (
     STATE_FILE,
@@ -33,17 +34,20 @@ log = logging.getLogger(__name__)
 
 def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: bool = False,
                  overrides: dict[str, dict[str, Any]] | None = None, progress: bool = True,
-                 ) -> dict[str, Any]:
+                 init: str | Path | None = None) -> dict[str, Any]:
+    """`init`: a checkpoint directory, or "shipped", to start from (its tokenizer, its [model]
+    config and its weights, with a fresh optimiser)."""
     out = Path(out)
     dist = init_from_env()  # None unless launched by torchrun with WORLD_SIZE > 1
     try:
         started = time.perf_counter()
         if dist is None:
-            cfg, data, state = _prepare(corpus, out, config, overrides, resume)
+            cfg, data, state, start = _prepare(corpus, out, config, overrides, resume, init)
         else:  # rank 0 reads the files and trains the tokenizer; the others receive the result
-            cfg, data, state = dist.share_setup(lambda: _prepare(corpus, out, config, overrides, resume))
+            cfg, data, state, start = dist.share_setup(
+                lambda: _prepare(corpus, out, config, overrides, resume, init))
         trainer = Trainer(cfg, data, out, progress=progress, state=state,
-                          device=dist.device if dist else None, dist=dist)
+                          device=dist.device if dist else None, dist=dist, init=start)
         result = trainer.train()
         result["setup_seconds"] = round(time.perf_counter() - started - trainer.elapsed, 1)
         result["corpus"] = data.summary
@@ -58,12 +62,20 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
 
 
 def _prepare(corpus: str, out: Path, config: Path | None, overrides: dict[str, dict[str, Any]] | None,
-             resume: bool) -> tuple[RunConfig, Corpus, dict[str, Any] | None]:
+             resume: bool, init: str | Path | None = None,
+             ) -> tuple[RunConfig, Corpus, dict[str, Any] | None, InitWeights | None]:
     """Read the config, check the output directory, read the state to resume, load the corpus and
-    train the tokenizer."""
-    cfg = load_run_config(config, overrides)
-    state = None
+    train the tokenizer (or take the init checkpoint's)."""
+    start = None
     tokenizer = None
+    if init is not None:
+        ckpt = load_init(init)
+        cfg = config_from_init(ckpt, config, overrides)
+        tokenizer = ckpt.tokenizer
+        start = InitWeights(state=ckpt.model.state_dict(), source=init_description(ckpt, init))
+    else:
+        cfg = load_run_config(config, overrides)
+    state = None
     if resume:
         state = load_state(out)
         check_resumable(state, cfg, out)
@@ -81,7 +93,9 @@ def _prepare(corpus: str, out: Path, config: Path | None, overrides: dict[str, d
         raise TrainingError(f"{out}: output directory is not writable")
     data = prepare_corpus(corpus, cfg, tokenizer)
     log.info("corpus %s: %s", corpus, json.dumps(data.summary))
-    if tokenizer is None:
+    if start is not None and not resume:  # the init's tokenizer, byte for byte
+        atomic_write_text(out / "tokenizer.json", (ckpt.path / "tokenizer.json").read_text(encoding="utf-8"))
+    elif tokenizer is None:
         data.tokenizer.save(out / "tokenizer.json")
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         # A small corpus can give fewer merges than asked for: size the model to the tokenizer.
@@ -90,7 +104,9 @@ def _prepare(corpus: str, out: Path, config: Path | None, overrides: dict[str, d
                         tokenizer=cfg.tokenizer, train=cfg.train)
         if state is not None:
             check_resumable(state, cfg, out)
-    return cfg, data, state
+    if resume and start is not None:
+        start = replace(start, state=None)  # the saved state holds the weights
+    return cfg, data, state, start
 
 
 def _writable(path: Path) -> bool:
@@ -104,7 +120,10 @@ def _writable(path: Path) -> bool:
 
 
 def run_eval(*, checkpoint: Path | None = None, corpus: str = "chitchat", split: str = "test",
-             max_generate: int = 1000, samples: bool = True) -> dict[str, Any]:
+             max_generate: int = 1000, samples: bool = True, setting_pairs: int = 200,
+             ) -> dict[str, Any]:
+    """Loss-based scores on the split, BLEU and distinct-n of greedy replies to `max_generate`
+    pairs, and reply_stats of every decoding setting (named_settings) on `setting_pairs`."""
     path = Path(checkpoint) if checkpoint else shipped_checkpoint_path()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = load_checkpoint(path, device=device)
@@ -124,6 +143,13 @@ def run_eval(*, checkpoint: Path | None = None, corpus: str = "chitchat", split:
         "loss": round(stats.loss, 5), "num_pairs": stats.pairs, "num_tokens": stats.tokens,
         "num_words": stats.words, **gen,
     }
+    if setting_pairs:
+        reverse = ckpt.reverse.model if ckpt.reverse is not None else None
+        sources = [src for src, _ in examples[:: max(1, len(examples) // setting_pairs)][:setting_pairs]]
+        result["settings"] = setting_metrics(ckpt.model, ckpt.tokenizer, sources,
+                                             named_settings(reverse is not None,
+                                                            ckpt.model.cfg.max_target_len),
+                                             reverse=reverse)
     if samples:
         result["samples"] = sample_replies(ckpt.model, ckpt.tokenizer)
     return result

@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,20 +24,23 @@ import torch
 
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import RunConfig
-from .corpus import load_corpora, make_pairs, split_conversations
+from .corpus import load_corpora, make_pairs, reverse_pairs, split_conversations
 from .data import Example, collate, encode_pairs, make_batches
 from .evaluation import LossStats, batch_loss, evaluate_loss
 from .network import Seq2Seq
+from .precision import Precision, choose_precision, timed
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .distributed import DistContext
+    from .finetune import InitWeights
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "loss_curve.png"
+PRECISION_CHECK_BATCHES = 3  # batches timed in each precision by precision = "auto"
 
 
 class TrainingError(RuntimeError):
@@ -61,6 +64,8 @@ def prepare_corpus(spec: str, cfg: RunConfig, tokenizer: Tokenizer | None = None
                                  test_fraction=t.test_fraction)
     K = cfg.model.context_turns
     pairs = {name: make_pairs(getattr(splits, name), K) for name in ("train", "valid", "test")}
+    if t.reverse:
+        pairs = {name: reverse_pairs(p) for name, p in pairs.items()}
     if not pairs["train"]:
         raise TrainingError(f"corpus {spec!r} gives no training pair")
     if tokenizer is None:
@@ -76,6 +81,7 @@ def prepare_corpus(spec: str, cfg: RunConfig, tokenizer: Tokenizer | None = None
         "split_conversations": {k: len(getattr(splits, k)) for k in ("train", "valid", "test")},
         "pairs": {k: len(v) for k, v in enc.items()}, "pairs_total": total,
         "pairs_kept_fraction": round(kept / max(total, 1), 4), "context_turns": K,
+        **({"reverse": True} if t.reverse else {}),
     }
     return Corpus(tokenizer=tokenizer, train=enc["train"], valid=enc["valid"], test=enc["test"],
                   summary=summary)
@@ -97,7 +103,8 @@ def pick_device() -> torch.device:
 class Trainer:
     def __init__(self, cfg: RunConfig, corpus: Corpus, out: Path, *,
                  device: torch.device | None = None, progress: bool = True,
-                 state: dict[str, Any] | None = None, dist: DistContext | None = None) -> None:
+                 state: dict[str, Any] | None = None, dist: DistContext | None = None,
+                 init: InitWeights | None = None) -> None:
         self.cfg = cfg
         self.corpus = corpus
         self.out = Path(out)
@@ -112,6 +119,9 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.rng = random.Random(t.seed)
         self.model = Seq2Seq(cfg.model).to(self.device)
+        self.init_source = init.source if init is not None else None
+        if init is not None and init.state is not None:
+            self.model.load_state_dict(init.state)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "embedding" in n]
         self.optimizer = torch.optim.AdamW(
@@ -124,9 +134,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, self.total_steps, t.schedule,
                                                 t.min_lr_ratio))
-        self.use_amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda",
-                                           enabled=self.use_amp and not torch.cuda.is_bf16_supported())
+        self.precision = self._choose_precision(state)
+        log.info("training precision: %s (%s)", self.precision.name, self.precision.reason)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.dtype == torch.float16)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -143,6 +153,39 @@ class Trainer:
         self.ddp = dist.wrap(self.model, self._batch_loss) if dist is not None else None
         self._stop_signal: int | None = None
         self._stop_agreed = False  # under DDP: some rank was signalled, all stop at this step
+
+    def _choose_precision(self, state: dict[str, Any] | None) -> Precision:
+        mode = self.cfg.train.precision
+        saved = (state or {}).get("precision")
+        if mode == "auto" and saved in ("fp32", "bf16") and self.device.type == "cpu":
+            # a resumed run keeps the precision it was measured into (resume stays bit for bit)
+            return replace(choose_precision(saved, self.device), reason=f"auto: kept from the run ({saved})")
+        chosen = choose_precision(mode, self.device, self._time_precision)
+        if self.dist is not None and mode == "auto" and self.device.type == "cpu":
+            # every rank must compute alike: rank 0's measurement decides
+            bf16 = self.dist.broadcast_flag(chosen.dtype == torch.bfloat16)
+            chosen = replace(chosen, dtype=torch.bfloat16 if bf16 else None)
+        return chosen
+
+    def _time_precision(self, precision: Precision) -> float:
+        """Seconds of forward + backward over the first batches in `precision`; changes nothing
+        (no update, gradients dropped, RNG states restored)."""
+        sample = [collate([self.corpus.train[i] for i in idx]).to(self.device)
+                  for idx in self._epoch_batches(0)[:PRECISION_CHECK_BATCHES]]
+        torch_rng, py_rng = torch.get_rng_state(), self.rng.getstate()
+
+        def run() -> None:
+            for batch in sample:
+                with precision.autocast():
+                    loss_sum, n = self._batch_loss(self.model, batch)
+                (loss_sum / max(n, 1)).backward()
+            self.model.zero_grad(set_to_none=True)
+
+        try:
+            return timed(run, repeats=2)
+        finally:
+            torch.set_rng_state(torch_rng)
+            self.rng.setstate(py_rng)
 
     # -- data --------------------------------------------------------------
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -175,6 +218,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "precision": self.precision.name,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "best_val": self.best_val, "bad_evals": self.bad_evals,
             "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
@@ -238,7 +282,8 @@ class Trainer:
                    "train_tokens": self.tokens_seen}
         save_checkpoint(self.out, self.model, self.corpus.tokenizer, metrics=metrics,
                         extra_config={"name": self.out.name, "corpus": self.corpus.summary,
-                                      "training": asdict(self.cfg.train)})
+                                      "training": asdict(self.cfg.train),
+                                      **({"init": self.init_source} if self.init_source else {})})
 
     def _evaluate_and_keep_best(self, train_loss: float | None) -> dict[str, Any]:
         stats = self.validate()
@@ -338,9 +383,7 @@ class Trainer:
     def _train_step(self, batch: Any, denominator: float | None = None) -> float:
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.use_amp):
+        with self.precision.autocast():
             if self.dist is not None and self.ddp is not None:
                 # dropout and sampling streams from (seed, step, rank): a resume needs no per-rank RNG
                 self.dist.seed_step(t.seed, self.step, self.rng)

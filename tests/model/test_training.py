@@ -40,6 +40,7 @@ checkpoint_every = 5
 log_every = 5
 num_threads = 1
 seed = 3
+precision = "fp32"  # "auto" times both precisions at start: two runs could choose differently
 """
 
 

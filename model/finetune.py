@@ -1,0 +1,74 @@
+"""Starting a run from a trained checkpoint (`chatbot train --init DIR|shipped`).
+
+The run keeps the init's tokenizer and `[model]` config (its weights only fit those) and
+starts from its weights with a fresh optimiser and schedule. A config that asks for
+another `[model]` or `[tokenizer]` is refused with the keys that differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, shipped_checkpoint_path
+from .config import RunConfig, load_run_config
+from .training import TrainingError
+
+SHIPPED = "shipped"
+
+
+class InitError(TrainingError):
+    """An init checkpoint that cannot be used as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    state: dict[str, torch.Tensor] | None  # None when a resumed run's state holds the weights
+    source: dict[str, Any]  # what the run started from, recorded in its config.json
+
+
+def init_path(init: str | Path) -> Path:
+    return shipped_checkpoint_path() if str(init) == SHIPPED else Path(init)
+
+
+def load_init(init: str | Path) -> Checkpoint:
+    try:
+        return load_checkpoint(init_path(init))
+    except CheckpointError as exc:
+        raise InitError(f"--init {init}: {exc}") from None
+
+
+def init_description(ckpt: Checkpoint, init: str | Path) -> dict[str, Any]:
+    corpus = ckpt.config.get("corpus") or {}
+    return {"checkpoint": SHIPPED if str(init) == SHIPPED else str(Path(init).resolve()),
+            "name": ckpt.name, "corpus": corpus.get("spec"),
+            "metrics": {k: ckpt.metrics[k] for k in ("step", "val_word_perplexity") if k in ckpt.metrics}}
+
+
+def config_from_init(ckpt: Checkpoint, config: Path | None,
+                     overrides: dict[str, dict[str, Any]] | None) -> RunConfig:
+    """The run's config: [model] and [tokenizer] are the init's; [train] is the user's."""
+    model = asdict(ckpt.model.cfg)
+    tokenizer = {"vocab_size": ckpt.tokenizer.vocab_size, "lowercase": ckpt.tokenizer.lowercase}
+    raw: dict[str, Any] = {}
+    if config is not None:
+        try:
+            raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InitError(f"cannot read config {config}: {exc}") from exc
+    asked = {"model": {**raw.get("model", {}), **(overrides or {}).get("model", {})},
+             "tokenizer": {**raw.get("tokenizer", {}), **(overrides or {}).get("tokenizer", {})}}
+    changed = [f"[{section}] {k} ({have.get(k)!r} in the init, {v!r} asked)"
+               for section, have in (("model", model), ("tokenizer", tokenizer))
+               for k, v in asked[section].items() if v is not None and have.get(k, v) != v]
+    if changed:
+        raise InitError("a run started with --init keeps the init checkpoint's model and tokenizer; "
+                        "this config changes " + "; ".join(changed))
+    merged = {**(overrides or {}), "model": model,
+              "tokenizer": {k: v for k, v in tokenizer.items() if k == "lowercase"}}
+    merged["tokenizer"]["vocab_size"] = tokenizer["vocab_size"]
+    return load_run_config(config, merged)

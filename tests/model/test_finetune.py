@@ -1,0 +1,98 @@
+"""`chatbot train --init`: start from a checkpoint's weights, keep its tokenizer and [model]."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.cli import main
+from model.checkpoint import load_checkpoint
+from model.train_cli import run_training
+from tests.conftest import GREETINGS, write_tsv
+
+
+@pytest.fixture()
+def persona(tmp_path: Path) -> Path:
+    return write_tsv(tmp_path / "persona.tsv", [("what is your name", "my name is bot"),
+                                                ("where do you live", "i live in good weather")] * 20
+                     + GREETINGS * 3)
+
+
+def test_init_starts_from_the_weights_and_keeps_the_tokenizer_byte_for_byte(tiny_checkpoint, persona,
+                                                                            tmp_path) -> None:
+    out = tmp_path / "ft"
+    result = run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False,
+                          overrides={"train": {"max_steps": 0 + 1, "eval_every": 1, "num_threads": 1,
+                                               "learning_rate": 1e-9, "warmup_steps": 0,
+                                               "precision": "fp32"}})
+    assert result["step"] == 1
+    assert (out / "tokenizer.json").read_bytes() == (tiny_checkpoint / "tokenizer.json").read_bytes()
+    before, after = load_file(tiny_checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:  # one step at a learning rate of 1e-9: still the init's weights
+        assert torch.allclose(before[k], after[k], atol=1e-6), k
+    ck = load_checkpoint(out)
+    assert ck.model.cfg == load_checkpoint(tiny_checkpoint).model.cfg
+    assert ck.config["init"]["checkpoint"] == str(tiny_checkpoint.resolve())
+    assert ck.config["init"]["name"] == "tiny"
+
+
+def test_init_refuses_a_config_that_changes_the_model_and_names_the_keys(tiny_checkpoint, persona,
+                                                                         tmp_path, capsys) -> None:
+    cfg = tmp_path / "other.toml"
+    cfg.write_text("[model]\nhidden_size = 64\nnum_layers = 2\n[tokenizer]\nvocab_size = 123\n")
+    assert main(["train", "--init", str(tiny_checkpoint), "--corpus", str(persona), "--config", str(cfg),
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "[model] hidden_size (48 in the init, 64 asked)" in err
+    assert "[tokenizer] vocab_size" in err and "num_layers" not in err  # 2 is the init's own
+    assert not (tmp_path / "x" / "train_state.pt").exists()
+
+
+def test_init_from_a_missing_checkpoint_names_it(tmp_path, persona, capsys) -> None:
+    assert main(["train", "--init", str(tmp_path / "nowhere"), "--corpus", str(persona),
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_killed_fine_tuning_run_resumes_and_matches_an_unbroken_one(tiny_checkpoint, persona,
+                                                                      tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = ["--init", str(tiny_checkpoint), "--max-steps", "60", "--threads", "1", "--precision", "fp32",
+            "--checkpoint-every", "5", "--eval-every", "20"]
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "app.cli", "train", "--corpus", str(persona), "--out", str(out),
+                "--no-progress", *args, *extra]
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(cmd(straight), check=True, env=env, capture_output=True, timeout=240)
+    proc = subprocess.Popen(cmd(broken), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        state = broken / "train_state.pt"
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= 15:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(broken / "train_state.pt", weights_only=True)["step"]
+    assert 5 <= saved < 60, "the kill should land mid-run"
+    done = subprocess.run(cmd(broken, "--resume"), env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    a = torch.load(straight / "train_state.pt", weights_only=True)
+    b = torch.load(broken / "train_state.pt", weights_only=True)
+    assert b["step"] == 60
+    for name, tensor in a["model"].items():  # bit for bit on one thread
+        assert torch.equal(tensor, b["model"][name]), name
+    assert json.loads((broken / "config.json").read_text())["init"]["name"] == "tiny"
+    assert (broken / "tokenizer.json").read_bytes() == (tiny_checkpoint / "tokenizer.json").read_bytes()
