@@ -39,9 +39,10 @@ import torch
 from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions, Hypothesis
 from model.inference import DecoderRows
+from model.rerank import RerankItem, rerank
 
 from .batching import BatchItem, EncodeFn, RunningBatch, StepFn, default_encode
-from .errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded, ServiceError
+from .errors import DeadlineExceeded, EngineFailure, InvalidRequest, NotReady, Overloaded, ServiceError
 from .metrics import Metrics
 
 log = logging.getLogger("chatbot.engine")
@@ -178,6 +179,16 @@ class ServedCheckpoint:
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    @property
+    def has_reverse(self) -> bool:
+        return self.checkpoint.reverse is not None
+
+    def check_options(self, opts: DecodeOptions) -> None:
+        """Refuse (422) what this checkpoint cannot do; both engines call it on submit."""
+        if opts.rerank == "mmi" and not self.has_reverse:
+            raise InvalidRequest("rerank 'mmi' needs a reverse model, and this checkpoint has none "
+                                 "(train one with `chatbot train --reverse`)", param="rerank")
+
     def _describe(self, device: str, engine: dict[str, Any]) -> dict[str, Any]:
         """GET /api/model: what is loaded and how the engine runs it."""
         ck = self.checkpoint
@@ -188,6 +199,10 @@ class ServedCheckpoint:
                 "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
                 **ck.model.cfg.__dict__},
             "training": training, "metrics": dict(ck.metrics), "device": device, "engine": engine,
+            "reverse": None if ck.reverse is None else {
+                "name": ck.reverse.name, "parameters": ck.reverse.model.num_parameters(),
+                "architecture": dict(ck.reverse.model.cfg.__dict__), "metrics": dict(ck.reverse.metrics),
+                "purpose": "log p(message | reply) for rerank 'mmi'"},
         }
 
 
@@ -207,6 +222,8 @@ class Engine(Protocol):
     def active_requests(self) -> int: ...
     def encode_turns(self, turns: Sequence[str]) -> list[int]: ...
     def decode(self, tokens: Sequence[int]) -> str: ...
+    @property
+    def has_reverse(self) -> bool: ...
     def info(self) -> dict[str, Any]: ...
     async def exposition(self) -> bytes: ...
     def start(self) -> None: ...
@@ -222,6 +239,7 @@ class ChatEngine(ServedCheckpoint):
                  metrics: Metrics | None = None) -> None:
         super().__init__(checkpoint)
         self.model = checkpoint.model.eval()
+        self.reverse = checkpoint.reverse.model.eval() if checkpoint.reverse is not None else None
         self.config = config or EngineConfig()
         self.metrics = metrics
         self.device = next(self.model.parameters()).device
@@ -308,6 +326,7 @@ class ChatEngine(ServedCheckpoint):
                timeout: float | None = None) -> Ticket:
         """Queue a request; raises Overloaded when the queue is full, NotReady before start
         and while shutting down. Call from the event loop."""
+        self.check_options(opts)
         loop = asyncio.get_running_loop()
         job = _Job(id=next(self._ids), source=list(source), opts=opts, loop=loop,
                    future=loop.create_future(),
@@ -476,8 +495,13 @@ class ChatEngine(ServedCheckpoint):
             job = jobs[item_id]  # type: ignore[index]
             assert job.queue is not None
             self._call(job, job.queue.put_nowait, tok)
-        for item_id, hyps in out.finished:
-            job = jobs.pop(item_id)  # type: ignore[arg-type]
+        if not out.finished:
+            return
+        finished = [jobs.pop(item_id) for item_id, _ in out.finished]  # type: ignore[arg-type]
+        # one reverse-model pass for every candidate of every request this step finished
+        ranked = rerank([RerankItem(job.source, hyps, job.opts)
+                         for job, (_, hyps) in zip(finished, out.finished, strict=True)], self.reverse)
+        for job, hyps in zip(finished, ranked, strict=True):
             done = time.monotonic()
             if self.metrics:
                 self.metrics.tokens.inc(sum(len(h.tokens) for h in hyps))

@@ -16,6 +16,7 @@ from .errors import error_responses, install_error_handlers
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import BodyLimitMiddleware
 from .ratelimit import RateLimiter, RateLimitMiddleware, document_rate_limit
+from .reply_filter import ReplyFilter
 from .routes import chat, health, openai, page
 from .routes.common import api_key_check
 from .settings import Settings
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.reply_filter = (ReplyFilter.standard(settings.blocklist, settings.fallback_reply)
+                              if settings.reply_filter else None)
     install_error_handlers(app)
 
     key = settings.api_key.get_secret_value() if settings.api_key else None

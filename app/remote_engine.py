@@ -127,6 +127,7 @@ class RemoteEngine(ServedCheckpoint):
         if not self.ready:
             raise NotReady("the server is shutting down" if self._closing else
                            "the model is not loaded yet", headers={"Retry-After": "1"})
+        self.check_options(opts)
         if len(self._pending) >= self._max_pending:  # the worker is not keeping up, or stuck
             raise Overloaded(f"{len(self._pending)} requests are waiting for the model; retry later",
                              headers={"Retry-After": "1"})

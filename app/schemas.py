@@ -18,6 +18,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 STRATEGIES = ("greedy", "beam", "sample")
 Strategy = Literal["greedy", "beam", "sample"]
+Rerank = Literal["none", "likelihood", "mmi"]
+# /api/chat's defaults: what was judged best on bench/prompts_dev.txt (docs/QUALITY.md)
+DEFAULT_STRATEGY: Strategy = "beam"
+DEFAULT_SAMPLES = 16
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.9
+DEFAULT_MMI_WEIGHT = 0.5  # CHATBOT_MMI_WEIGHT's default
 TEXT_CEILING = 1_000_000  # the schema's static bound; the served limit is CHATBOT_MAX_INPUT_CHARS
 INPUT_TEXT: dict[str, Any] = {"x-input-text": True}
 MAX_TURNS = 256  # history / messages items
@@ -77,7 +84,8 @@ class ChatRequest(Strict):
     history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS,
                                 description="Earlier turns, oldest first; the model sees the last "
                                             "few (its `context_turns`, message included)")
-    strategy: Strategy = Field("greedy", description="greedy, beam (n-best) or sample")
+    strategy: Strategy = Field(DEFAULT_STRATEGY, description="greedy, beam (n-best) or sample; the "
+                               "default is the setting that was judged best (docs/QUALITY.md)")
     beam_size: Bounded(1, MAX_BEAM) = Field(5, description="Beam width (beam only); raised to "
                                                              "n_best when smaller")
     n_best: Bounded(1, MAX_BEAM) = Field(1, description="Candidates to return: the n best beams, "
@@ -87,13 +95,25 @@ class ChatRequest(Strict):
                                   description="GNMT length penalty alpha for scores; 0 disables")
     no_repeat_ngram_size: Bounded(0, 10) = Field(3,
                                       description="Forbid repeating any n-gram of this size; 0 off")
-    temperature: float = Field(1.0, ge=0.01, le=5.0, description="Sampling temperature (sample only)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sample only)")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.01, le=5.0,
+                               description="Sampling temperature (sample only)")
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, description="Nucleus sampling mass (sample only)")
+    samples: Bounded(1, MAX_BEAM) = Field(DEFAULT_SAMPLES, description="Samples drawn (sample only; at "
+                                          "least n_best): the reply is chosen among them by `rerank`")
+    rerank: Rerank | None = Field(None, description="How the reply is chosen among the candidates: "
+                                  "none (the search's order), likelihood (length-normalised "
+                                  "log-probability) or mmi (plus log p(message | reply) from the reverse "
+                                  "model); unset: the server's CHATBOT_RERANK")
+    mmi_weight: float | None = Field(None, ge=0.0, le=10.0,
+                                     description="Weight of the reverse model's score (mmi); unset: "
+                                                 "the server's CHATBOT_MMI_WEIGHT")
 
 
 class Candidate(BaseModel):
     text: str
-    score: float = Field(description="Log-probability / GNMT length penalty; higher is better")
+    score: float = Field(description="The score the candidates were ranked by (see `rerank`): "
+                                     "log-probability / GNMT length penalty, or the MMI score; "
+                                     "higher is better")
 
 
 class Usage(BaseModel):
@@ -103,8 +123,10 @@ class Usage(BaseModel):
 
 class ChatResponse(BaseModel):
     reply: str
-    candidates: list[Candidate] = Field(description="Distinct replies, best first; reply is the first")
+    candidates: list[Candidate] = Field(description="Distinct replies, best first; reply is the first "
+                                                    "(candidates the reply filter blocked are left out)")
     strategy: Strategy
+    rerank: Rerank = Field(description="How the reply was chosen")
     model: str
     usage: Usage
     latency_ms: float
@@ -155,6 +177,10 @@ class ChatCompletionRequest(BaseModel):
                                                                       "selects beam search")
     length_penalty: float | None = Field(None, ge=0.0, le=5.0, description="Extra: default 0.6")
     no_repeat_ngram_size: Bounded(0, 10) | None = Field(None, description="Extra: default 3")
+    rerank: Rerank | None = Field(None, description="Extra: none, likelihood or mmi (see /api/chat)")
+    mmi_weight: float | None = Field(None, ge=0.0, le=10.0, description="Extra: see /api/chat")
+    samples: Bounded(1, MAX_BEAM) | None = Field(None, description="Extra: samples drawn to choose "
+                                                  "each choice among (sampling; default n)")
 
 
 class AssistantMessage(BaseModel):
@@ -165,7 +191,8 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "content_filter"] = Field(
+        description="content_filter: the reply filter blocked every candidate (the fallback reply)")
     logprobs: None = None
 
 

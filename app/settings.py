@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .reply_filter import DEFAULT_FALLBACK
+from .schemas import DEFAULT_MMI_WEIGHT
+
 
 def available_cores() -> int:
     try:
@@ -50,6 +53,17 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamically quantized "
                                               "decoder matrices on CPU (faster; see docs/PERFORMANCE.md)")
     seed: int | None = Field(None, description="Seed of the sampling generator; unset: random")
+    rerank: Literal["none", "likelihood", "mmi"] = Field(
+        "likelihood", description="How a request that does not say chooses its reply among the "
+        "candidates (the judged best, docs/QUALITY.md); mmi needs a checkpoint with a reverse model")
+    mmi_weight: float = Field(DEFAULT_MMI_WEIGHT, ge=0.0, le=10.0,
+                              description="Weight of log p(message | reply) in rerank mmi (docs/QUALITY.md)")
+    reply_filter: bool = Field(True, description="Drop candidates with blocked words (better-profanity's "
+                               "list plus CHATBOT_BLOCKLIST); the fallback reply when all are")
+    blocklist: Path | None = Field(None, description="The operator's own blocked words or phrases, "
+                                   "one per line (# comments)")
+    fallback_reply: str = Field(DEFAULT_FALLBACK, min_length=1, max_length=500,
+                                description="The reply when the filter blocks every candidate")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight "
                                                                "requests may take to finish")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -28,6 +28,9 @@ FORMAT = "seq2seq-chatbot/1"
 FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.json")
 
 
+REVERSE_DIR = "reverse"  # a checkpoint's reverse model, for MMI reranking
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
@@ -39,6 +42,7 @@ class Checkpoint:
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    reverse: Checkpoint | None = None  # the reverse model MMI reranking scores with, if shipped
 
     @property
     def name(self) -> str:
@@ -162,8 +166,23 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -
     model.to(device).eval()
     metrics_path = directory / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.exists() else {}
+    reverse = _load_reverse(directory, tokenizer, device) if (directory / REVERSE_DIR).is_dir() else None
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, metrics=metrics,
-                      path=directory)
+                      path=directory, reverse=reverse)
+
+
+def _load_reverse(directory: Path, tokenizer: Tokenizer, device: torch.device | str) -> Checkpoint:
+    """The reverse model in `directory/reverse/`: trained with `--reverse`, on the same tokenizer
+    (its scores are of the forward model's token ids)."""
+    path = directory / REVERSE_DIR
+    reverse = load_checkpoint(path, device)
+    if reverse.reverse is not None:
+        raise CheckpointError(f"{path}: a reverse model cannot hold a reverse model of its own")
+    if not (reverse.config.get("training") or {}).get("reverse"):
+        raise CheckpointError(f"{path / 'config.json'}: not a reverse model (trained without --reverse)")
+    if reverse.tokenizer.to_str() != tokenizer.to_str():
+        raise CheckpointError(f"{path / 'tokenizer.json'}: not the forward model's tokenizer")
+    return reverse
 
 
 def shipped_checkpoint_path() -> Path:

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .corpus import Pair
-from .inference import collate_sources
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 Example = tuple[list[int], list[int]]  # (source ids, target ids ending in EOS)
@@ -46,6 +45,18 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, cfg: ModelConfig) 
         src = tokenizer.encode_context(pair.context, cfg.max_source_len)
         examples.append((src, [*tgt, EOS_ID]))
     return examples
+
+
+def collate_sources(sources: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+                    ) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, S) ids and (B,) lengths; an empty source becomes one PAD token
+    of length 1 so that the packed LSTM accepts it."""
+    lens = [max(len(s), 1) for s in sources]
+    src = torch.full((len(sources), max(lens)), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(sources):
+        if s:
+            src[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return src.to(device), torch.tensor(lens, dtype=torch.long)
 
 
 def collate(examples: Sequence[Example]) -> Batch:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Collection, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 
 NEVER_EMIT = (PAD_ID, BOS_ID, UNK_ID, SEP_ID)
 STRATEGIES = ("greedy", "beam", "sample")
+RERANKS = ("none", "likelihood", "mmi")  # model/rerank.py
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class DecodeOptions:
     no_repeat_ngram_size: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
+    # How the reply is chosen among the candidates (model/rerank.py). Not compared: requests that
+    # search alike share one search whatever their reranking.
+    rerank: str = field(default="likelihood", compare=False)
+    mmi_weight: float = field(default=0.5, compare=False)
+    length_bonus: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -54,6 +60,10 @@ class DecodeOptions:
             raise ValueError("n_best must be <= beam_size")
         if self.min_length < 0 or self.min_length > self.max_length:
             raise ValueError("min_length must be in [0, max_length]")
+        if self.rerank not in RERANKS:
+            raise ValueError(f"rerank must be one of {', '.join(RERANKS)}")
+        if not (0.0 <= self.mmi_weight <= 10.0 and -1.0 <= self.length_bonus <= 1.0):
+            raise ValueError("mmi_weight must be in [0, 10] and length_bonus in [-1, 1]")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be > 0 and top_p in (0, 1]")
 
@@ -384,8 +394,7 @@ class GreedySearch(Search):
                 seq = seqs[j][:n]
                 ended = bool(n and seq[-1] == EOS_ID)
                 hyps.append(self._hypothesis(seq[:-1] if ended else seq, logprobs[j], ended))
-            hyps.sort(key=lambda h: h.score, reverse=True)
-            finished.append((self.ids[b], hyps))
+            finished.append((self.ids[b], hyps))  # samples in the order drawn (model/rerank.py orders)
         return finished
 
     def _drop_done(self, item_done: Tensor) -> Tensor:

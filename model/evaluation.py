@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,6 +106,60 @@ def generation_metrics(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[
     bleu = sacrebleu.corpus_bleu(hyps, [refs]).score if hyps else 0.0
     return {"bleu": round(bleu, 3), "distinct_1": round(distinct_n(hyps, 1), 4),
             "distinct_2": round(distinct_n(hyps, 2), 4), "generated_pairs": len(hyps)}
+
+
+def named_settings(has_reverse: bool, max_length: int = 40) -> dict[str, DecodeOptions]:
+    """The decoding settings `chatbot eval` compares: the server's default first (sampling and
+    reranking when a reverse model is there, as /api/chat does with only a message), then the
+    plain searches. All forbid a repeated 3-gram, as the server does."""
+    common = {"max_length": max_length, "min_length": 2, "no_repeat_ngram_size": 3}
+    rerank = "mmi" if has_reverse else "likelihood"
+    return {
+        f"sample16_{rerank}": DecodeOptions(strategy="sample", n_best=16, temperature=0.8, top_p=0.9,
+                                            rerank=rerank, **common),
+        f"beam10_{rerank}": DecodeOptions(strategy="beam", beam_size=10, n_best=10, rerank=rerank, **common),
+        "beam5": DecodeOptions(strategy="beam", beam_size=5, n_best=5, **common),
+        "greedy": DecodeOptions(strategy="greedy", **common),
+        "sample1": DecodeOptions(strategy="sample", temperature=0.8, top_p=0.9, **common),
+    }
+
+
+def has_loop(text: str) -> bool:
+    """A word said twice in a row, or a two-word phrase said twice ("play play", "go to the
+    program and go to the program")."""
+    words = [w.strip(".,!?;:'\"").lower() for w in text.split()]
+    words = [w for w in words if w]
+    if any(a == b for a, b in itertools.pairwise(words)):
+        return True
+    bigrams = list(itertools.pairwise(words))
+    return len(set(bigrams)) < len(bigrams)
+
+
+def reply_stats(replies: Sequence[str]) -> dict[str, float]:
+    """Proxies of what a reader sees: the share of distinct replies, of replies of three words
+    or fewer, of replies with a repeated word or loop, and the mean length in words."""
+    n = max(len(replies), 1)
+    lengths = [len(r.split()) for r in replies]
+    return {"distinct_replies": round(len(set(replies)) / n, 4),
+            "short_3_words": round(sum(x <= 3 for x in lengths) / n, 4),
+            "repetition": round(sum(has_loop(r) for r in replies) / n, 4),
+            "mean_words": round(sum(lengths) / n, 2), "replies": len(replies)}
+
+
+def setting_metrics(model: Seq2Seq, tokenizer: Tokenizer, sources: Sequence[Sequence[int]],
+                    settings: dict[str, DecodeOptions], reverse: Seq2Seq | None = None,
+                    batch_size: int = 32, seed: int = 0) -> dict[str, dict[str, float]]:
+    """reply_stats of each setting's replies to the same sources."""
+    out = {}
+    for name, opts in settings.items():
+        generator = torch.Generator().manual_seed(seed)
+        texts = []
+        for start in range(0, len(sources), batch_size):
+            found = generate(model, sources[start:start + batch_size], opts, generator=generator,
+                             reverse=reverse)
+            texts += [tokenizer.decode(h[0].tokens) if h else "" for h in found]
+        out[name] = reply_stats(texts)
+    return out
 
 
 def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS,

@@ -43,6 +43,7 @@ from .fast_encoder import FastEncoder
 from .inference import DecoderRows, encode_sources
 from .network import EncoderOutput, Seq2Seq
 from .quantize import Int8Linear, quantize_dynamic_int8
+from .rerank import rerank_batch
 
 StepFn = Callable[[Tensor, DecoderRows], tuple[Tensor, DecoderRows]]
 QUANTIZE_MODES = (None, "int8")
@@ -205,12 +206,14 @@ class FastDecoder:
 
     @torch.inference_mode()
     def generate(self, sources: Sequence[Sequence[int]], opts: DecodeOptions,
-                 generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+                 generator: torch.Generator | None = None, reverse: Seq2Seq | None = None,
+                 ) -> list[list[Hypothesis]]:
         """`model.inference.generate` through the fast step: one hypothesis list per source."""
         # the step's log-probs are a fresh tensor each time: the search may overwrite them
-        return decode(self.step, self.encode(sources), self.select,  # type: ignore[arg-type]
-                      batch_size=len(sources), opts=opts, device=self.device, generator=generator,
-                      inplace=True)
+        found = decode(self.step, self.encode(sources), self.select,  # type: ignore[arg-type]
+                       batch_size=len(sources), opts=opts, device=self.device, generator=generator,
+                       inplace=True)
+        return rerank_batch(sources, found, opts, reverse)
 
     def matrix_bytes(self) -> int:
         """Bytes of the weights one step reads (the embedding lookup reads R rows only)."""

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .data import collate_sources
 from .decoding import DecodeOptions, Hypothesis, decode
 from .network import EncoderOutput, LSTMState, Seq2Seq
-from .tokenizer import PAD_ID
+from .rerank import rerank_batch
 
 
 @dataclass
@@ -48,18 +49,6 @@ class DecoderRows:
                                   torch.cat([r.state[1] for r in rows], 1)), enc=enc)
 
 
-def collate_sources(sources: Sequence[Sequence[int]], device: torch.device | str = "cpu"
-                    ) -> tuple[Tensor, Tensor]:
-    """Right-padded (B, S) ids and (B,) lengths; an empty source becomes one PAD token
-    of length 1 so that the packed LSTM accepts it."""
-    lens = [max(len(s), 1) for s in sources]
-    src = torch.full((len(sources), max(lens)), PAD_ID, dtype=torch.long)
-    for i, s in enumerate(sources):
-        if s:
-            src[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    return src.to(device), torch.tensor(lens, dtype=torch.long)
-
-
 @torch.inference_mode()
 def encode_sources(model: Seq2Seq, sources: Sequence[Sequence[int]]) -> DecoderRows:
     device = next(model.parameters()).device
@@ -75,14 +64,16 @@ def step_rows(model: Seq2Seq, tokens: Tensor, rows: DecoderRows) -> tuple[Tensor
 
 @torch.inference_mode()
 def generate(model: Seq2Seq, sources: Sequence[Sequence[int]], opts: DecodeOptions,
-             generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
-    """Decode a batch of token-id sources; one hypothesis list per source, best first."""
+             generator: torch.Generator | None = None, reverse: Seq2Seq | None = None,
+             ) -> list[list[Hypothesis]]:
+    """Decode a batch of token-id sources; one hypothesis list per source, ordered by
+    `opts.rerank` (best first; `reverse` is the reverse model `mmi` needs)."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         rows = encode_sources(model, sources)
-        return decode(
+        found = decode(
             lambda tokens, r: step_rows(model, tokens, r),  # type: ignore[arg-type]
             rows, lambda r, i: r.index_select(i),  # type: ignore[attr-defined]
             batch_size=len(sources), opts=opts, device=device, generator=generator,
@@ -90,3 +81,4 @@ def generate(model: Seq2Seq, sources: Sequence[Sequence[int]], opts: DecodeOptio
         )
     finally:
         model.train(was_training)
+    return rerank_batch(sources, found, opts, reverse)

@@ -115,3 +115,22 @@ def _no_chatbot_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def ckpt(tiny_checkpoint: Path) -> Checkpoint:
     return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_with_reverse(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path,
+                                 toy_jsonl: Path) -> Path:
+    """The tiny checkpoint with a reverse model in reverse/ (`chatbot train --init ... --reverse`)."""
+    import shutil
+
+    from model.train_cli import run_training
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny_mmi"
+    shutil.copytree(tiny_checkpoint, out,
+                    ignore=shutil.ignore_patterns("train_state.pt", "log.jsonl", "*.png"))
+    train = {"reverse": True, "max_steps": 60, "eval_every": 60, "learning_rate": 1e-2, "warmup_steps": 5,
+             "num_threads": 1, "precision": "fp32"}
+    run_training(corpus=str(toy_jsonl), out=out / "reverse", init=tiny_checkpoint, progress=False,
+                 overrides={"train": train})
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -10,22 +11,33 @@ from model.decoding import DecodeOptions
 
 from ..errors import error_responses
 from ..schemas import MIN_TOP_P, Candidate, ChatRequest, ChatResponse, Usage
-from .common import EngineDep, SettingsDep, check_length, distinct, replies, unless_disconnected
+from .common import (
+    EngineDep,
+    ReplyFilterDep,
+    SettingsDep,
+    check_length,
+    distinct,
+    replies,
+    reranking,
+    screened,
+    unless_disconnected,
+)
 
 router = APIRouter(tags=["chat"])
 
 
-def decode_options(req: ChatRequest) -> DecodeOptions:
+def decode_options(req: ChatRequest, rerank: dict[str, Any] | None = None) -> DecodeOptions:
     """The search a request asks for; fields a strategy ignores are normalised, so that
     requests that decode alike share one search in the engine."""
     common = {"max_length": req.max_length, "min_length": min(2, req.max_length),
-              "length_penalty": req.length_penalty, "no_repeat_ngram_size": req.no_repeat_ngram_size}
+              "length_penalty": req.length_penalty, "no_repeat_ngram_size": req.no_repeat_ngram_size,
+              **(rerank or {})}
     if req.strategy == "beam":
         width = max(req.beam_size, req.n_best)
         # every finished beam comes back; the route keeps the n_best distinct ones
         return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
     if req.strategy == "sample":
-        return DecodeOptions(strategy="sample", beam_size=1, n_best=req.n_best,
+        return DecodeOptions(strategy="sample", beam_size=1, n_best=max(req.samples, req.n_best),
                              temperature=req.temperature, top_p=max(req.top_p, MIN_TOP_P), **common)
     return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
 
@@ -33,12 +45,12 @@ def decode_options(req: ChatRequest) -> DecodeOptions:
 @router.post("/api/chat", response_model=ChatResponse,
              responses=error_responses(400, 413, 415, 422, 429, 500, 503, 504))
 async def chat(req: ChatRequest, request: Request, engine: EngineDep,
-               settings: SettingsDep) -> ChatResponse:
+               settings: SettingsDep, reply_filter: ReplyFilterDep) -> ChatResponse:
     """Reply to `message`, given the earlier turns in `history`.
 
-    greedy gives one reply; beam gives up to `n_best` distinct replies (the best
-    `n_best` of `beam_size` beams); sample gives `n_best` samples. Candidates are
-    distinct and sorted by score, best first; `reply` is the first.
+    greedy gives one reply; beam searches `beam_size` beams, sample draws `samples`
+    samples; the candidates are ranked by `rerank` and the `n_best` best distinct ones
+    that pass the reply filter come back, best first; `reply` is the first.
     """
     start = time.perf_counter()
     limit = settings.max_input_chars
@@ -46,13 +58,14 @@ async def chat(req: ChatRequest, request: Request, engine: EngineDep,
     for i, turn in enumerate(req.history):
         check_length(turn.content, limit, f"history.{i}.content")
     source = engine.encode_turns([t.content for t in req.history] + [req.message])
-    ticket = engine.submit(source, decode_options(req), timeout=settings.request_timeout_s)
+    opts = decode_options(req, reranking(req.rerank, req.mmi_weight, settings, engine))
+    ticket = engine.submit(source, opts, timeout=settings.request_timeout_s)
     completion = await unless_disconnected(request, ticket.result())
-    best = distinct(replies(engine, completion.hypotheses))[: req.n_best]
+    best = distinct(screened(replies(engine, completion.hypotheses), reply_filter))[: req.n_best]
     return ChatResponse(
         reply=best[0].text if best else "",
         candidates=[Candidate(text=r.text, score=r.score) for r in best],
-        strategy=req.strategy, model=engine.name,
+        strategy=req.strategy, rerank=opts.rerank, model=engine.name,
         usage=Usage(prompt_tokens=completion.prompt_tokens,
                     completion_tokens=sum(r.tokens for r in best)),
         latency_ms=round((time.perf_counter() - start) * 1000, 3),

@@ -8,7 +8,7 @@ import hmac
 import math
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -17,6 +17,7 @@ from model.decoding import Hypothesis
 
 from ..engine import Engine
 from ..errors import ClientGone, InvalidRequest, NotReady, Unauthorized
+from ..reply_filter import ReplyFilter
 from ..settings import Settings
 
 T = TypeVar("T")
@@ -96,6 +97,33 @@ class Reply:
     score: float
     tokens: int
     finished: bool  # ended with end-of-sequence (else cut at max_length)
+    fallback: bool = False  # the reply filter's fallback: every candidate was blocked
+
+
+def reranking(rerank: str | None, mmi_weight: float | None, settings: Settings,
+              engine: Engine) -> dict[str, Any]:
+    """DecodeOptions' reranking fields for a request: what it asked, else the server's settings.
+    A server set to mmi whose checkpoint has no reverse model falls back to likelihood."""
+    if rerank is None:
+        rerank = settings.rerank
+        if rerank == "mmi" and not engine.has_reverse:
+            rerank = "likelihood"
+    return {"rerank": rerank, "mmi_weight": settings.mmi_weight if mmi_weight is None else mmi_weight}
+
+
+async def get_reply_filter(request: Request) -> ReplyFilter | None:
+    return getattr(request.app.state, "reply_filter", None)
+
+
+ReplyFilterDep = Annotated[ReplyFilter | None, Depends(get_reply_filter)]
+
+
+def screened(found: list[Reply], reply_filter: ReplyFilter | None) -> list[Reply]:
+    """The candidates the reply filter lets through, in order; its fallback if none passes."""
+    if reply_filter is None:
+        return found
+    kept = [found[i] for i in reply_filter.passed([r.text for r in found])]
+    return kept or [Reply(text=reply_filter.fallback, score=0.0, tokens=0, finished=True, fallback=True)]
 
 
 def _finite(score: float) -> float:
@@ -104,10 +132,9 @@ def _finite(score: float) -> float:
 
 
 def replies(engine: Engine, hyps: Sequence[Hypothesis]) -> list[Reply]:
-    """Decoded hypotheses, best score first."""
-    out = [Reply(text=engine.decode(h.tokens), score=_finite(h.score), tokens=len(h.tokens),
-                 finished=h.finished) for h in hyps]
-    return sorted(out, key=lambda r: r.score, reverse=True)
+    """Decoded hypotheses, in the engine's order (best first by the request's reranking)."""
+    return [Reply(text=engine.decode(h.tokens), score=_finite(h.score), tokens=len(h.tokens),
+                  finished=h.finished) for h in hyps]
 
 
 def distinct(items: Sequence[Reply]) -> list[Reply]:

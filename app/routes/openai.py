@@ -27,6 +27,7 @@ from model.decoding import DecodeOptions
 
 from ..engine import Completion, Engine, Ticket
 from ..errors import NotFound, ServiceError, error_responses, status_of
+from ..reply_filter import ReplyFilter
 from ..schemas import (
     MIN_TOP_P,
     AssistantMessage,
@@ -38,18 +39,30 @@ from ..schemas import (
     ModelCard,
     ModelList,
 )
-from .common import EngineDep, Reply, SettingsDep, check_length, distinct, replies, unless_disconnected
+from .common import (
+    EngineDep,
+    Reply,
+    ReplyFilterDep,
+    SettingsDep,
+    check_length,
+    distinct,
+    replies,
+    reranking,
+    screened,
+    unless_disconnected,
+)
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
 DEFAULT_MAX_TOKENS = 40
 
 
-def decode_options(req: ChatCompletionRequest) -> DecodeOptions:
+def decode_options(req: ChatCompletionRequest, rerank: dict[str, Any] | None = None) -> DecodeOptions:
     max_length = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
     common = {"max_length": max_length, "min_length": min(2, max_length),
               "length_penalty": 0.6 if req.length_penalty is None else req.length_penalty,
-              "no_repeat_ngram_size": 3 if req.no_repeat_ngram_size is None else req.no_repeat_ngram_size}
+              "no_repeat_ngram_size": 3 if req.no_repeat_ngram_size is None else req.no_repeat_ngram_size,
+              **(rerank or {})}
     strategy = req.strategy
     if strategy is None:
         if req.temperature:
@@ -62,7 +75,7 @@ def decode_options(req: ChatCompletionRequest) -> DecodeOptions:
         width = max(req.beam_size or 5, req.n)
         return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
     if strategy == "sample":
-        return DecodeOptions(strategy="sample", beam_size=1, n_best=req.n,
+        return DecodeOptions(strategy="sample", beam_size=1, n_best=max(req.n, req.samples or 1),
                              temperature=max(req.temperature or 1.0, 0.01),
                              top_p=max(req.top_p or 1.0, MIN_TOP_P), **common)
     return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
@@ -90,20 +103,33 @@ def conversation(req: ChatCompletionRequest, limit: int) -> list[str]:
 
 
 def choose(found: list[Reply], n: int, opts: DecodeOptions) -> list[Reply]:
-    """Exactly n choices: distinct beams first (repeats only if the search found
-    fewer distinct replies), n samples as drawn, or the greedy reply n times."""
+    """Exactly n choices: distinct candidates first, best first (repeats only if the search
+    found fewer distinct replies; n samples drawn as n are taken as ranked, repeats
+    included), or the greedy reply n times."""
     if not found:
         return [Reply(text="", score=0.0, tokens=0, finished=False)] * n
     if opts.strategy == "greedy":
         return found[:1] * n
-    picked = distinct(found)[:n] if opts.strategy == "beam" else found[:n]
+    drawn_as_asked = opts.strategy == "sample" and opts.n_best == n
+    picked = found[:n] if drawn_as_asked else distinct(found)[:n]
     taken = {id(r) for r in picked}
     picked += [r for r in found if id(r) not in taken][: n - len(picked)]
     return [picked[i % len(picked)] for i in range(n)]
 
 
 def _finish(reply: Reply) -> str:
+    if reply.fallback:
+        return "content_filter"
     return "stop" if reply.finished else "length"
+
+
+def _shown(text: str, final: bool) -> str:
+    """What of a streamed reply's text may go out: all of it at the end, else up to its last
+    whitespace (a word still being written could turn out blocked)."""
+    if final:
+        return text
+    cut = max(text.rfind(" "), text.rfind("\n"))
+    return text[:cut + 1] if cut >= 0 else ""
 
 
 def completion_body(engine: Engine, completion: Completion, chosen: list[Reply],
@@ -143,7 +169,11 @@ class _Chunks:
 
 
 async def _token_events(engine: Engine, ticket: Ticket, tokens: AsyncIterator[int],
-                        first: int | None, chunks: _Chunks, include_usage: bool) -> AsyncIterator[str]:
+                        first: int | None, chunks: _Chunks, include_usage: bool,
+                        reply_filter: ReplyFilter | None) -> AsyncIterator[str]:
+    """Tokens as they come. With the reply filter on, text goes out a whole word at a time,
+    each checked first: at a blocked word the stream ends there, finish_reason
+    "content_filter" (what is already sent cannot be taken back, and it passed)."""
     try:
         yield chunks.delta({"role": "assistant", "content": ""})
         ids: list[int] = []
@@ -153,17 +183,29 @@ async def _token_events(engine: Engine, ticket: Ticket, tokens: AsyncIterator[in
             ids.append(token)
             # Decode the whole prefix: a token can end inside a multi-byte character.
             text = engine.decode(ids)
+            if reply_filter is not None:
+                text = _shown(text, final=False)
+                if reply_filter.blocked(text):
+                    break
             if len(text) > len(sent) and text.startswith(sent):
                 yield chunks.delta({"content": text[len(sent):]})
                 sent = text
             token = await anext(tokens, None)
-        completion = await ticket.result()
-        reply = replies(engine, completion.hypotheses)[0]
-        if len(reply.text) > len(sent) and reply.text.startswith(sent):
-            yield chunks.delta({"content": reply.text[len(sent):]})
-        yield chunks.delta({}, finish=_finish(reply))
-        if include_usage:
-            yield chunks.usage(completion.prompt_tokens, reply.tokens)
+        if token is not None:  # the filter stopped it
+            yield chunks.delta({}, finish="content_filter")
+            if include_usage:
+                yield chunks.usage(ticket.prompt_tokens, len(ids))
+        else:
+            completion = await ticket.result()
+            reply = replies(engine, completion.hypotheses)[0]
+            if reply_filter is not None and reply_filter.blocked(reply.text):
+                reply = Reply(text=sent, score=reply.score, tokens=reply.tokens, finished=True,
+                              fallback=True)
+            if len(reply.text) > len(sent) and reply.text.startswith(sent):
+                yield chunks.delta({"content": reply.text[len(sent):]})
+            yield chunks.delta({}, finish=_finish(reply))
+            if include_usage:
+                yield chunks.usage(completion.prompt_tokens, reply.tokens)
     except ServiceError as exc:  # e.g. the deadline passed mid-stream: headers are gone
         yield chunks.error(exc)
     finally:
@@ -198,10 +240,10 @@ SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
                **error_responses(400, 413, 415, 422, 429, 500, 503, 504)},
 )
 async def chat_completions(req: ChatCompletionRequest, request: Request, engine: EngineDep,
-                           settings: SettingsDep) -> Response | ChatCompletion:
-    """OpenAI chat completions; beam_size, length_penalty, no_repeat_ngram_size and
-    strategy may be added as extra fields."""
-    opts = decode_options(req)
+                           settings: SettingsDep, reply_filter: ReplyFilterDep) -> Response | ChatCompletion:
+    """OpenAI chat completions; beam_size, length_penalty, no_repeat_ngram_size, strategy,
+    samples, rerank and mmi_weight may be added as extra fields."""
+    opts = decode_options(req, reranking(req.rerank, req.mmi_weight, settings, engine))
     source = engine.encode_turns(conversation(req, settings.max_input_chars))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -209,7 +251,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
     ticket = engine.submit(source, opts, stream=token_stream, timeout=settings.request_timeout_s)
     if not req.stream:
         completion = await unless_disconnected(request, ticket.result())
-        chosen = choose(replies(engine, completion.hypotheses), req.n, opts)
+        chosen = choose(screened(replies(engine, completion.hypotheses), reply_filter), req.n, opts)
         return completion_body(engine, completion, chosen, request_id)
     chunks = _Chunks(request_id, engine.name)
     if token_stream:
@@ -219,10 +261,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
         first = await unless_disconnected(request, anext(tokens, None))
         if first is None:  # ended before any token: a failure raises here, with its status
             await unless_disconnected(request, ticket.result())
-        events = _token_events(engine, ticket, tokens, first, chunks, include_usage)
+        events = _token_events(engine, ticket, tokens, first, chunks, include_usage, reply_filter)
     else:
         completion = await unless_disconnected(request, ticket.result())
-        chosen = choose(replies(engine, completion.hypotheses), req.n, opts)
+        chosen = choose(screened(replies(engine, completion.hypotheses), reply_filter), req.n, opts)
         events = _whole_events(completion, chosen, chunks, include_usage)
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 

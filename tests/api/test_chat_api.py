@@ -16,12 +16,15 @@ from .conftest import PROMPTS, Gate, reference, serving
 pytestmark = pytest.mark.anyio
 
 
+GREEDY = {"strategy": "greedy"}  # the default is sampling with reranking (test_rerank_api.py)
+
+
 def _opts(**body):  # type: ignore[no-untyped-def]
-    return decode_options(ChatRequest(**{"message": "x", **body}))
+    return decode_options(ChatRequest(**{"message": "x", **GREEDY, **body}))
 
 
 async def test_greedy_reply_is_the_models_reply(client: httpx.AsyncClient, ckpt: Checkpoint) -> None:
-    r = await client.post("/api/chat", json={"message": "do you like cats"})
+    r = await client.post("/api/chat", json={"message": "do you like cats", **GREEDY})
     assert r.status_code == 200
     body = r.json()
     assert body["reply"] == reference(ckpt, ["do you like cats"], _opts())[0]
@@ -36,14 +39,14 @@ async def test_history_feeds_the_last_turns_only(client: httpx.AsyncClient, ckpt
     K = ckpt.model.cfg.context_turns
     history = [{"role": "user", "content": "good night"}, {"role": "assistant", "content": "see you later"},
                {"role": "user", "content": "what is the weather"}, {"role": "assistant", "content": "sunny"}]
-    r = await client.post("/api/chat", json={"message": "hello", "history": history})
+    r = await client.post("/api/chat", json={"message": "hello", "history": history, **GREEDY})
     assert r.status_code == 200
     turns = [h["content"] for h in history] + ["hello"]
     assert r.json()["reply"] == reference(ckpt, turns[-K:], _opts())[0]
     assert r.json()["usage"]["prompt_tokens"] == len(
         ckpt.tokenizer.encode_context(turns[-K:], ckpt.model.cfg.max_source_len))
     older = [{"role": "user", "content": "something else entirely"}, *history]
-    r2 = await client.post("/api/chat", json={"message": "hello", "history": older})
+    r2 = await client.post("/api/chat", json={"message": "hello", "history": older, **GREEDY})
     assert r2.json()["reply"] == r.json()["reply"]
 
 
@@ -150,7 +153,7 @@ async def test_bodies_over_the_limit_get_413(make_app) -> None:
 
 async def test_32_concurrent_greedy_requests_equal_the_sequential_replies(make_app) -> None:
     app, _ = make_app(max_batch_size=64)
-    bodies = [{"message": PROMPTS[i % len(PROMPTS)], "max_length": 10 + i % 5} for i in range(32)]
+    bodies = [{"message": PROMPTS[i % len(PROMPTS)], "max_length": 10 + i % 5, **GREEDY} for i in range(32)]
     async with serving(app) as client:
         sequential = []
         for b in bodies:
