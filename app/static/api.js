@@ -66,8 +66,12 @@ export async function fetchModel(apiKey) {
   return response.json();
 }
 
-/** Build the /api/chat body from the message, history and settings. */
+/**
+ * Build the /api/chat body from the message, history and settings. With the "default" strategy
+ * only the message, history and length cap go: the server's defaults choose the search.
+ */
 export function chatBody(message, history, settings) {
+  if (settings.strategy === "default") return { message, history, max_length: settings.max_length };
   const body = { message, history, strategy: settings.strategy, max_length: settings.max_length };
   if (settings.strategy === "beam") {
     body.beam_size = settings.beam_size;
@@ -92,7 +96,10 @@ export async function chat(body, { apiKey, signal }) {
   return response.json();
 }
 
-/** Whether a reply with these settings can be streamed token by token (one candidate only). */
+/**
+ * Whether a reply with these settings can be streamed token by token (one candidate only).
+ * "default" cannot: the server picks its reply among candidates, so it arrives whole.
+ */
 export function canStream(settings) {
   return settings.strategy === "greedy" || (settings.strategy === "sample" && settings.n_best === 1);
 }

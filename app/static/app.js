@@ -11,6 +11,8 @@ import { errorItem, messageItem, startStreaming, typingItem, updateMeta } from "
 // The model only reads the last few turns; sending a bounded history keeps requests small.
 const HISTORY_LIMIT = 20;
 const STRATEGY_HINTS = {
+  default: "The server's default, the setting judged best for reply quality: it searches several "
+    + "candidate replies and picks the best by its reranking score; the reply is shown whole when ready.",
   greedy: "Picks the most likely word each step. Fast, and the reply streams in as it is written.",
   beam: "Keeps several partial replies and returns the best ones, with their scores.",
   sample: "Draws words at random. Higher temperature gives more surprising replies.",

@@ -7,7 +7,9 @@ const KEYS = {
   apiKey: "chatbot.apiKey",
 };
 
-export const STRATEGIES = ["greedy", "beam", "sample"];
+// "default" sends no decoding fields: /api/chat then uses its own defaults (the setting judged best
+// for reply quality: several samples, reranked). The others pick a search explicitly.
+export const STRATEGIES = ["default", "greedy", "beam", "sample"];
 
 // The server's bounds (app/schemas.py); it validates again. Temperature stays within what both
 // /api/chat (0.01-5) and /v1/chat/completions (0-2) accept.
@@ -20,7 +22,7 @@ export const LIMITS = {
 };
 
 export const DEFAULT_SETTINGS = Object.freeze({
-  strategy: "greedy",
+  strategy: "default",
   beam_size: 5,
   n_best: 3,
   max_length: 40,

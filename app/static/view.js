@@ -1,7 +1,8 @@
 // Building the DOM for messages, the typing indicator and error cards.
 // Everything typed by the user or sent by the server goes in through textContent: never as HTML.
 
-const STRATEGY_NAMES = { greedy: "Greedy", beam: "Beam", sample: "Sampling" };
+// The meta line names the search the server reports; "Recommended" only if a reply lacks one.
+const STRATEGY_NAMES = { default: "Recommended", greedy: "Greedy", beam: "Beam", sample: "Sampling" };
 
 function el(tag, className, text) {
   const node = document.createElement(tag);

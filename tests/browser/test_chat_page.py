@@ -26,6 +26,9 @@ pytestmark = pytest.mark.browser
 REPLY = ".msg-bot:not(.is-typing):not(.is-streaming)"
 STREAM = "**/v1/chat/completions"
 CHAT = "**/api/chat"
+# How the meta line names the strategy the server reports (app/static/view.js).
+STRATEGY_NAMES = {"greedy": "Greedy", "beam": "Beam", "sample": "Sampling"}
+SETTINGS_KEY = "chatbot.settings.v1"
 XSS = "<img src=x onerror=window.__pwned=1><b>bold</b><script>window.__pwned=2</script>"
 
 
@@ -37,6 +40,14 @@ def send(page: Page, text: str) -> None:
 
 def wait_replies(page: Page, count: int) -> None:
     expect(page.locator(REPLY)).to_have_count(count)
+
+
+def choose_greedy(page: Page) -> None:
+    """Pick greedy decoding, which streams through /v1/chat/completions (the default does not)."""
+    page.click("#settings-toggle")
+    page.select_option("#strategy", "greedy")
+    page.click("#settings-form button[type=submit]")
+    expect(page.locator("#settings-panel")).to_be_hidden()
 
 
 def choose_beam(page: Page, beam_size: int = 4, n_best: int = 3) -> None:
@@ -88,6 +99,8 @@ def test_header_shows_the_model_name(page: Page, live_server: LiveServer) -> Non
 def test_enter_sends_and_the_streamed_reply_appears(page: Page) -> None:
     box = page.locator("#composer-input")
     expect(box).to_be_focused()
+    choose_greedy(page)
+    box.click()
     box.type("how are")
     box.press("Shift+Enter")
     box.type("you")
@@ -115,6 +128,7 @@ def test_enter_sends_and_the_streamed_reply_appears(page: Page) -> None:
 
 
 def test_replies_stream_token_by_token(page: Page) -> None:
+    choose_greedy(page)
     events = [{"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
               for piece in ("good ", "morning ", "to ", "you")]
     body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
@@ -122,6 +136,96 @@ def test_replies_stream_token_by_token(page: Page) -> None:
     send(page, "good morning")
     wait_replies(page, 1)
     expect(page.locator(f"{REPLY} .text")).to_have_text("good morning to you")
+
+
+def test_default_settings_ask_api_chat_for_the_servers_own_choice(page: Page) -> None:
+    streamed: list[str] = []
+    page.on("request", lambda r: streamed.append(r.url) if "/v1/chat/completions" in r.url else None)
+    with page.expect_response(CHAT) as response:
+        send(page, "hello")
+    body = response.value.request.post_data_json
+    # Only the message, the history and the length cap: no strategy or other decoding field.
+    assert set(body) == {"message", "history", "max_length"}
+    assert body["message"] == "hello" and body["history"] == []
+    assert "strategy" not in body
+    data = response.value.json()
+
+    wait_replies(page, 1)
+    expect(page.locator(f"{REPLY} .text")).to_have_text(data["reply"])
+    # The meta line names the search the server reports it ran, not "default".
+    meta = page.locator(f"{REPLY} .meta")
+    expect(meta).to_contain_text(STRATEGY_NAMES[data["strategy"]])
+    expect(meta).to_have_text(re.compile(r"\d+(\.\d+)? (ms|s)$"))
+    assert streamed == []
+
+    # The next turn carries the first as history, again without decoding fields.
+    with page.expect_request(CHAT) as request:
+        send(page, "what is your name")
+    body = request.value.post_data_json
+    assert set(body) == {"message", "history", "max_length"}
+    assert body["history"] == [{"role": "user", "content": "hello"},
+                               {"role": "assistant", "content": data["reply"]}]
+    wait_replies(page, 2)
+    assert streamed == []
+
+
+def test_default_reply_is_shown_whole_with_the_reported_strategy(page: Page) -> None:
+    answer = {"reply": "nice to meet you", "strategy": "beam", "rerank": "likelihood", "model": "tiny",
+              "candidates": [{"text": "nice to meet you", "score": -0.5}, {"text": "hi", "score": -0.9}],
+              "usage": {"prompt_tokens": 2, "completion_tokens": 6}, "latency_ms": 12.5}
+    held: list[Route] = []
+    page.route(CHAT, lambda route: held.append(route))
+    send(page, "hi")
+    expect(page.locator(".is-typing")).to_be_visible()
+    expect(page.locator(".is-streaming")).to_have_count(0)
+    held[0].fulfill(status=200, content_type="application/json", body=json.dumps(answer))
+    wait_replies(page, 1)
+    expect(page.locator(f"{REPLY} .text")).to_have_text("nice to meet you")
+    expect(page.locator(f"{REPLY} .meta .meta-part")).to_have_text("Beam")
+    expect(page.locator(f"{REPLY} .latency")).to_have_text("13 ms")
+    expect(page.locator(".candidates summary")).to_contain_text("2 candidates")
+
+
+def test_strategy_defaults_to_recommended_and_older_saved_settings_still_load(page: Page) -> None:
+    page.click("#settings-toggle")
+    strategy = page.locator("#strategy")
+    expect(strategy).to_have_value("default")
+    assert page.locator("#strategy option").first.get_attribute("value") == "default"
+    expect(page.locator("#strategy option[value=default]")).to_have_text(re.compile("Recommended"))
+    expect(page.locator("#strategy-hint")).to_contain_text("candidate")
+    # Fields that only apply to beam or sampling stay hidden; the length cap is shared.
+    for field in ("#beam-size", "#n-best", "#temperature", "#top-p"):
+        expect(page.locator(field)).to_be_hidden()
+    expect(page.locator("#max-length")).to_be_visible()
+
+    # Settings an older page saved (greedy, before "default" existed) load as they were.
+    old = {"strategy": "greedy", "beam_size": 5, "n_best": 3, "max_length": 30, "temperature": 0.8,
+           "top_p": 0.9}
+    page.evaluate("([key, value]) => localStorage.setItem(key, value)", [SETTINGS_KEY, json.dumps(old)])
+    page.reload()
+    page.wait_for_selector("html[data-ready='true']")
+    page.click("#settings-toggle")
+    expect(strategy).to_have_value("greedy")
+    expect(page.locator("#max-length")).to_have_value("30")
+    page.keyboard.press("Escape")
+    with page.expect_request(STREAM) as request:
+        send(page, "hello")
+    assert request.value.post_data_json["strategy"] == "greedy"
+    wait_replies(page, 1)
+
+    # An unknown strategy falls back to the default; "Reset to defaults" brings it back too.
+    page.evaluate("([key, value]) => localStorage.setItem(key, value)",
+                  [SETTINGS_KEY, json.dumps({**old, "strategy": "nucleus"})])
+    page.reload()
+    page.wait_for_selector("html[data-ready='true']")
+    page.click("#settings-toggle")
+    expect(strategy).to_have_value("default")
+    page.select_option("#strategy", "sample")
+    expect(page.locator("#temperature")).to_be_visible()
+    page.click("#settings-reset")
+    expect(strategy).to_have_value("default")
+    expect(page.locator("#temperature")).to_be_hidden()
+    assert json.loads(page.evaluate(f"localStorage.getItem('{SETTINGS_KEY}')"))["strategy"] == "default"
 
 
 def test_beam_search_shows_n_best_candidates_with_scores(page: Page) -> None:
@@ -155,6 +259,7 @@ def test_beam_search_shows_n_best_candidates_with_scores(page: Page) -> None:
 def test_markup_from_user_and_bot_is_shown_as_text_and_never_runs(page: Page) -> None:
     bot = "<img src=x onerror=window.__pwned=3>&lt;i&gt; <a href=javascript:alert(1)>x</a>"
     chunk = {"choices": [{"index": 0, "delta": {"content": bot}, "finish_reason": None}]}
+    choose_greedy(page)
     page.route(STREAM, lambda route: route.fulfill(
         status=200, content_type="text/event-stream", body=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"))
     send(page, XSS)
@@ -214,6 +319,7 @@ def test_api_key_needed_asks_for_one_and_sends_it(browser: Any, keyed_server: Li
     open_chat(page)
     expect(page.locator("#model-name")).to_have_text("API key needed")
 
+    choose_greedy(page)
     with page.expect_response(STREAM) as first:
         send(page, "hello")
     assert first.value.status == 401
@@ -239,6 +345,7 @@ def test_api_key_needed_asks_for_one_and_sends_it(browser: Any, keyed_server: Li
 
 
 def test_reload_keeps_the_conversation_and_new_chat_clears_it(page: Page) -> None:
+    choose_greedy(page)
     send(page, "hello")
     wait_replies(page, 1)
     first_reply = page.locator(f"{REPLY} .text").inner_text()
