@@ -76,6 +76,10 @@ class TrainConfig:
     # train the reverse model p(context | reply) for MMI reranking: the source is the reply, the
     # target the last context turn (the message it answers)
     reverse: bool = False
+    # fine-tuning: a corpus mixed into every batch so the model keeps what it knew, and the share
+    # of each batch's pairs drawn from it (0: none)
+    replay_corpus: str = ""
+    replay_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -86,6 +90,8 @@ class TrainConfig:
             raise ValueError("schedule must be 'cosine' or 'constant'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ValueError("replay_ratio must be in [0, 1)")
         if not 0.0 < self.teacher_forcing_ratio <= 1.0:
             raise ValueError("teacher_forcing_ratio must be in (0, 1]")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,8 +62,20 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> tu
     return loss, int(keep.sum())
 
 
+# Han characters (CJK ideographs and their extensions), kana and Hangul: one "word" each, as
+# whitespace means nothing in Chinese or Japanese (and Korean spacing is loose).
+_CJK = re.compile("[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+                  "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]")
+
+
+def word_count(text: str) -> int:
+    """Whitespace-separated words, with every Han, kana or Hangul character a word of its own."""
+    return len(_CJK.findall(text)) + len(_CJK.sub(" ", text).split())
+
+
 def count_words(tokenizer: Tokenizer, examples: Sequence[Example]) -> int:
-    return sum(len(tokenizer.decode(tgt).split()) + 1 for _, tgt in examples)
+    """The words of the references (word_count), plus one end-of-reply per pair."""
+    return sum(word_count(tokenizer.decode(tgt)) + 1 for _, tgt in examples)
 
 
 @torch.inference_mode()

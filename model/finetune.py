@@ -19,6 +19,13 @@ from .config import RunConfig, load_run_config
 from .training import TrainingError
 
 SHIPPED = "shipped"
+# [train] defaults of a run started with --init, where its config and flags do not say: a lower
+# learning rate than from scratch, a short warmup, frequent validation on the user's split and
+# early stopping, a quarter of every batch from the init's own corpus (replay).
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 3e-4, "warmup_steps": 30, "max_steps": 400, "eval_every": 50, "patience": 3,
+    "checkpoint_every": 50, "log_every": 10, "replay_ratio": 0.25,
+}
 
 
 class InitError(TrainingError):
@@ -68,7 +75,14 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
     if changed:
         raise InitError("a run started with --init keeps the init checkpoint's model and tokenizer; "
                         "this config changes " + "; ".join(changed))
+    asked_train = {**raw.get("train", {}),
+                   **{k: v for k, v in (overrides or {}).get("train", {}).items() if v is not None}}
+    train = {k: v for k, v in FINETUNE_DEFAULTS.items() if k not in asked_train}
+    corpus = (ckpt.config.get("corpus") or {}).get("spec")
+    if "replay_corpus" not in asked_train and corpus:
+        train["replay_corpus"] = corpus  # the init's own corpus, so that it keeps its chat
     merged = {**(overrides or {}), "model": model,
-              "tokenizer": {k: v for k, v in tokenizer.items() if k == "lowercase"}}
-    merged["tokenizer"]["vocab_size"] = tokenizer["vocab_size"]
+              "tokenizer": {"lowercase": tokenizer["lowercase"], "vocab_size": tokenizer["vocab_size"]},
+              "train": {**train, **{k: v for k, v in (overrides or {}).get("train", {}).items()
+                                    if v is not None}}}
     return load_run_config(config, merged)

@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "loss_curve.png"
+MIN_TRAIN_PAIRS = 8  # fewer: the corpus is too small to train on
 PRECISION_CHECK_BATCHES = 3  # batches timed in each precision by precision = "auto"
 
 
@@ -54,6 +55,7 @@ class Corpus:
     valid: list[Example]
     test: list[Example]
     summary: dict[str, Any]
+    replay: list[Example] = field(default_factory=list)  # `[train] replay_corpus`'s training pairs
 
 
 def prepare_corpus(spec: str, cfg: RunConfig, tokenizer: Tokenizer | None = None) -> Corpus:
@@ -66,14 +68,20 @@ def prepare_corpus(spec: str, cfg: RunConfig, tokenizer: Tokenizer | None = None
     pairs = {name: make_pairs(getattr(splits, name), K) for name in ("train", "valid", "test")}
     if t.reverse:
         pairs = {name: reverse_pairs(p) for name, p in pairs.items()}
-    if not pairs["train"]:
-        raise TrainingError(f"corpus {spec!r} gives no training pair")
+    if len(pairs["train"]) < MIN_TRAIN_PAIRS:
+        raise TrainingError(f"corpus {spec!r} gives {len(pairs['train'])} training pairs (of "
+                            f"{sum(map(len, pairs.values()))}, {len(convs)} conversations); at least "
+                            f"{MIN_TRAIN_PAIRS} are needed to train on")
     if tokenizer is None:
         texts = [turn for conv in splits.train for turn in conv]
         tokenizer = Tokenizer.train(texts, vocab_size=cfg.tokenizer.vocab_size,
                                     min_frequency=cfg.tokenizer.min_frequency,
                                     lowercase=cfg.tokenizer.lowercase)
     enc = {name: encode_pairs(p, tokenizer, cfg.model) for name, p in pairs.items()}
+    replay: list[Example] = []
+    if t.replay_corpus and t.replay_ratio > 0:
+        replay = prepare_corpus(t.replay_corpus, replace(cfg, train=replace(t, replay_corpus="")),
+                                tokenizer).train
     total = sum(len(p) for p in pairs.values())
     kept = sum(len(e) for e in enc.values())
     summary = {
@@ -82,9 +90,11 @@ def prepare_corpus(spec: str, cfg: RunConfig, tokenizer: Tokenizer | None = None
         "pairs": {k: len(v) for k, v in enc.items()}, "pairs_total": total,
         "pairs_kept_fraction": round(kept / max(total, 1), 4), "context_turns": K,
         **({"reverse": True} if t.reverse else {}),
+        **({"replay": {"spec": t.replay_corpus, "pairs": len(replay), "ratio": t.replay_ratio}}
+           if replay else {}),
     }
     return Corpus(tokenizer=tokenizer, train=enc["train"], valid=enc["valid"], test=enc["test"],
-                  summary=summary)
+                  summary=summary, replay=replay)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, floor: float) -> float:
@@ -206,6 +216,16 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
 
+    def _with_replay(self, examples: list[Example]) -> list[Example]:
+        """The batch plus replayed pairs, so that they make `replay_ratio` of it. Which pairs is
+        drawn from (seed, step) alone, so a resumed run replays what an unbroken one would."""
+        ratio, pool = self.cfg.train.replay_ratio, self.corpus.replay
+        if not pool or ratio <= 0:
+            return examples
+        k = round(len(examples) * ratio / (1 - ratio))
+        rng = random.Random(self.cfg.train.seed * 1_000_003 + self.step)
+        return examples + [pool[rng.randrange(len(pool))] for _ in range(k)]
+
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         extra = {} if self.dist is None else {"world_size": self.dist.world_size}
@@ -323,7 +343,8 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self._stopping():
                 start = time.perf_counter()
-                batch = collate([self.corpus.train[i] for i in next(batches)]).to(self.device)
+                batch = collate(self._with_replay([self.corpus.train[i] for i in next(batches)])
+                                ).to(self.device)
                 if self.dist is None:
                     loss = self._train_step(batch)
                     loss_sum, num_tokens = loss * batch.num_tokens, batch.num_tokens

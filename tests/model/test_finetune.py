@@ -96,3 +96,41 @@ def test_a_killed_fine_tuning_run_resumes_and_matches_an_unbroken_one(tiny_check
         assert torch.equal(tensor, b["model"][name]), name
     assert json.loads((broken / "config.json").read_text())["init"]["name"] == "tiny"
     assert (broken / "tokenizer.json").read_bytes() == (tiny_checkpoint / "tokenizer.json").read_bytes()
+
+
+def test_replay_mixes_the_init_corpus_in_at_the_ratio_asked(tiny_checkpoint, persona, toy_jsonl,
+                                                            tmp_path, monkeypatch) -> None:
+    from model.training import Trainer
+
+    seen: list[int] = []
+    replay_ids: set[int] = set()
+    original = Trainer._with_replay
+
+    def counting(self, examples):  # type: ignore[no-untyped-def]
+        replay_ids.update(id(e) for e in self.corpus.replay)
+        out = original(self, examples)
+        seen.append(sum(id(e) in replay_ids for e in out))
+        seen.append(len(out))
+        return out
+
+    monkeypatch.setattr(Trainer, "_with_replay", counting)
+    result = run_training(corpus=str(persona), out=tmp_path / "ft", init=tiny_checkpoint, progress=False,
+                          overrides={"train": {"replay_corpus": str(toy_jsonl), "replay_ratio": 0.4,
+                                               "max_steps": 12, "num_threads": 1, "precision": "fp32"}})
+    replayed, total = sum(seen[0::2]), sum(seen[1::2])
+    assert replay_ids and total > 0
+    assert replayed / total == pytest.approx(0.4, abs=0.03)
+    assert result["corpus"]["replay"] == {"spec": str(toy_jsonl), "pairs": len(replay_ids), "ratio": 0.4}
+
+
+def test_fine_tuning_defaults_apply_where_the_config_is_silent(tiny_checkpoint, persona, tmp_path) -> None:
+    from model.checkpoint import load_checkpoint as load
+    from model.finetune import FINETUNE_DEFAULTS, config_from_init
+
+    cfg_file = tmp_path / "ft.toml"
+    cfg_file.write_text("[train]\nlearning_rate = 0.001\n")
+    cfg = config_from_init(load(tiny_checkpoint), cfg_file, {"train": {"max_steps": 77, "patience": None}})
+    assert cfg.train.learning_rate == 0.001 and cfg.train.max_steps == 77  # asked: kept
+    assert cfg.train.warmup_steps == FINETUNE_DEFAULTS["warmup_steps"]
+    assert cfg.train.patience == FINETUNE_DEFAULTS["patience"] and cfg.train.replay_ratio == 0.25
+    assert cfg.train.replay_corpus == load(tiny_checkpoint).config["corpus"]["spec"]
