@@ -243,3 +243,5 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(description="metrics.json: validation / test scores")
     device: str
     engine: dict[str, Any] = Field(description="Batching limits the engine runs with")
+    reverse: dict[str, Any] | None = Field(None, description="The reverse model rerank 'mmi' scores "
+                                           "with (name, parameters, architecture, metrics); null: none")

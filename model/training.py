@@ -170,12 +170,11 @@ class Trainer:
         if mode == "auto" and saved in ("fp32", "bf16") and self.device.type == "cpu":
             # a resumed run keeps the precision it was measured into (resume stays bit for bit)
             return replace(choose_precision(saved, self.device), reason=f"auto: kept from the run ({saved})")
-        chosen = choose_precision(mode, self.device, self._time_precision)
-        if self.dist is not None and mode == "auto" and self.device.type == "cpu":
-            # every rank must compute alike: rank 0's measurement decides
-            bf16 = self.dist.broadcast_flag(chosen.dtype == torch.bfloat16)
-            chosen = replace(chosen, dtype=torch.bfloat16 if bf16 else None)
-        return chosen
+        time_step = self._time_precision
+        if self.dist is not None:  # every rank must decide alike: the ranks' times summed decide
+            dist = self.dist
+            time_step = lambda p: dist.all_sum(self._time_precision(p))  # noqa: E731
+        return choose_precision(mode, self.device, time_step)
 
     def _time_precision(self, precision: Precision) -> float:
         """Seconds of forward + backward over the first batches in `precision`; changes nothing

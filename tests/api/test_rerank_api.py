@@ -130,3 +130,14 @@ async def test_samples_are_drawn_as_asked_and_the_best_come_back(mmi_app) -> Non
 
 def test_the_settings_default_is_likelihood() -> None:
     assert Settings().rerank == "likelihood"
+
+
+async def test_api_model_says_what_a_fine_tuned_checkpoint_started_from(tiny_checkpoint_with_reverse) -> None:
+    from app.main import create_app
+
+    ckpt = load_checkpoint(tiny_checkpoint_with_reverse / "reverse")  # trained with --init tiny
+    settings = make_settings(tiny_checkpoint_with_reverse / "reverse")
+    async with serving(create_app(settings, engine=make_engine(ckpt, settings))) as client:
+        info = (await client.get("/api/model")).json()
+    assert info["training"]["init"]["name"] == "tiny"
+    assert info["training"]["init"]["checkpoint"].endswith("tiny")
