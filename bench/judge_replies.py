@@ -10,10 +10,11 @@
 A setting is a name of `model.evaluation.named_settings` (`greedy`, `beam5`, `sample1`,
 `sample16_mmi`, `beam10_mmi`, ...) or `STRATEGY:key=value,...` with keys n (samples, or beam
 width), t (temperature), p (top-p), rerank (none/likelihood/mmi), w (mmi weight), lb (length
-bonus). Replies are what the server would send: the candidates ranked, the reply filter
-applied, the first kept one. Identical replies to one prompt from several settings are
-judged once (one item), so the judge never sees the same text twice and cannot tell
-settings apart by repetition. Items are shuffled with a fixed seed per prompt.
+bonus), optionally prefixed `ALIAS/` to use the checkpoint given as `--checkpoint ALIAS=DIR`
+(so a sheet can mix two models, blind). Replies are what the server would send: the
+candidates ranked, the reply filter applied, the first kept one. Identical replies to one
+prompt from several settings are judged once (one item), so the judge never sees the same
+text twice and cannot tell settings apart by repetition. Items are shuffled with a fixed seed per prompt.
 
 The judging protocol (docs/QUALITY.md): for each item, "sensible" = the reply makes sense
 as an answer to the prompt (no contradiction, no nonsense, fits the context); "specific" =
@@ -36,7 +37,7 @@ import torch
 from common import ROOT, machine_line  # noqa: F401  (puts the checkout on sys.path)
 
 from app.reply_filter import ReplyFilter
-from model.checkpoint import load_checkpoint, shipped_checkpoint_path
+from model.checkpoint import Checkpoint, load_checkpoint, shipped_checkpoint_path
 from model.decoding import DecodeOptions
 from model.evaluation import named_settings, reply_stats
 from model.inference import generate
@@ -66,16 +67,27 @@ def read_prompts(path: Path) -> list[str]:
             if ln.strip() and not ln.startswith("#")]
 
 
+def checkpoints(given: list[str] | None) -> dict[str, Checkpoint]:
+    """`--checkpoint [ALIAS=]DIR`, repeatable; the first is the default of unprefixed settings."""
+    out: dict[str, Checkpoint] = {}
+    for item in given or [str(shipped_checkpoint_path())]:
+        alias, _, path = item.rpartition("=")
+        out[alias or "model"] = load_checkpoint(path)
+    return out
+
+
 def make(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    ckpt = load_checkpoint(args.checkpoint or shipped_checkpoint_path())
-    reverse = ckpt.reverse.model if ckpt.reverse is not None else None
+    ckpts = checkpoints(args.checkpoint)
     reply_filter = ReplyFilter.standard()
     prompts = read_prompts(args.prompts)
-    sources = [ckpt.tokenizer.encode_context([p], ckpt.model.cfg.max_source_len) for p in prompts]
     replies: dict[str, list[str]] = {}
     for spec in args.settings:
-        opts = parse_setting(spec, reverse is not None, ckpt.model.cfg.max_target_len)
+        alias, _, setting = spec.rpartition("/") if "/" in spec.split(":")[0] else ("", "", spec)
+        ckpt = ckpts[alias] if alias else next(iter(ckpts.values()))
+        reverse = ckpt.reverse.model if ckpt.reverse is not None else None
+        sources = [ckpt.tokenizer.encode_context([p], ckpt.model.cfg.max_source_len) for p in prompts]
+        opts = parse_setting(setting, reverse is not None, ckpt.model.cfg.max_target_len)
         generator = torch.Generator().manual_seed(args.seed)
         texts = []
         for start in range(0, len(sources), 16):
@@ -105,7 +117,8 @@ def make(args: argparse.Namespace) -> None:
         lines.append("")
     (out / "sheet.md").write_text("\n".join(lines), encoding="utf-8")
     (out / "key.json").write_text(json.dumps({
-        "checkpoint": str(ckpt.path), "prompts": str(args.prompts), "settings": args.settings,
+        "checkpoints": {k: str(c.path) for k, c in ckpts.items()}, "prompts": str(args.prompts),
+        "settings": args.settings,
         "seed": args.seed, "machine": machine_line(), "items": items}, indent=1), encoding="utf-8")
     print(f"{len(items)} items for {len(prompts)} prompts in {out / 'sheet.md'}")
 
@@ -141,7 +154,8 @@ def main() -> None:
     m = sub.add_parser("make")
     m.add_argument("--prompts", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--checkpoint", type=Path)
+    m.add_argument("--checkpoint", action="append", metavar="[ALIAS=]DIR",
+                   help="repeatable; settings written ALIAS/SETTING use that checkpoint")
     m.add_argument("--settings", nargs="+", required=True)
     m.add_argument("--seed", type=int, default=7)
     m.add_argument("--threads", type=int, default=1)

@@ -122,18 +122,20 @@ def generation_metrics(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[
 
 
 def named_settings(has_reverse: bool, max_length: int = 40) -> dict[str, DecodeOptions]:
-    """The decoding settings `chatbot eval` compares: the server's default first (sampling and
-    reranking when a reverse model is there, as /api/chat does with only a message), then the
-    plain searches. All forbid a repeated 3-gram, as the server does."""
+    """The decoding settings `chatbot eval` compares: the server's default first (beam 5 ranked by
+    likelihood, what /api/chat does with only a message; docs/QUALITY.md), then sampling and beam
+    search reranked (by MMI when a reverse model is there), greedy and one sample. All forbid a
+    repeated 3-gram, as the server does."""
     common = {"max_length": max_length, "min_length": 2, "no_repeat_ngram_size": 3}
     rerank = "mmi" if has_reverse else "likelihood"
     return {
-        f"sample16_{rerank}": DecodeOptions(strategy="sample", n_best=16, temperature=0.8, top_p=0.9,
-                                            rerank=rerank, **common),
-        f"beam10_{rerank}": DecodeOptions(strategy="beam", beam_size=10, n_best=10, rerank=rerank, **common),
         "beam5": DecodeOptions(strategy="beam", beam_size=5, n_best=5, **common),
+        f"sample16_{rerank}": DecodeOptions(strategy="sample", n_best=16, temperature=0.7, top_p=0.9,
+                                            rerank=rerank, mmi_weight=1.0, **common),
+        f"beam10_{rerank}": DecodeOptions(strategy="beam", beam_size=10, n_best=10, rerank=rerank,
+                                          mmi_weight=1.0, **common),
         "greedy": DecodeOptions(strategy="greedy", **common),
-        "sample1": DecodeOptions(strategy="sample", temperature=0.8, top_p=0.9, **common),
+        "sample1": DecodeOptions(strategy="sample", temperature=0.7, top_p=0.9, **common),
     }
 
 
