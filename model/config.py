@@ -115,14 +115,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def read_toml(path: Path | None) -> dict[str, Any]:
+    """A config file's tables ({} for no file); ValueError naming the file if it cannot be read."""
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read config {path}: {exc}") from exc
+
+
 def load_run_config(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """Read a TOML file with [model], [tokenizer] and [train] tables, then apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"cannot read config {path}: {exc}") from exc
+    raw = read_toml(path)
     unknown = sorted(set(raw) - {"model", "tokenizer", "train"})
     if unknown:
         raise ValueError(f"unknown table(s) in {path}: {', '.join(unknown)}")

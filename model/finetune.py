@@ -11,11 +11,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, shipped_checkpoint_path
-from .config import RunConfig, load_run_config
+from .config import RunConfig, load_run_config, read_toml
 from .training import TrainingError
 
 SHIPPED = "shipped"
@@ -61,12 +60,7 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
     """The run's config: [model] and [tokenizer] are the init's; [train] is the user's."""
     model = asdict(ckpt.model.cfg)
     tokenizer = {"vocab_size": ckpt.tokenizer.vocab_size, "lowercase": ckpt.tokenizer.lowercase}
-    raw: dict[str, Any] = {}
-    if config is not None:
-        try:
-            raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise InitError(f"cannot read config {config}: {exc}") from exc
+    raw = read_toml(config)
     asked = {"model": {**raw.get("model", {}), **(overrides or {}).get("model", {})},
              "tokenizer": {**raw.get("tokenizer", {}), **(overrides or {}).get("tokenizer", {})}}
     changed = [f"[{section}] {k} ({have.get(k)!r} in the init, {v!r} asked)"
