@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as `python bench/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
+
+from model.device import available_cores  # noqa: E402  (needs ROOT on sys.path)
 
 
 def best_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, number: int = 1) -> float:
@@ -52,11 +55,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a bench starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def machine_line() -> str:

@@ -1,7 +1,7 @@
 """Decoding speed: the fast path against the reference path and a tutorial-style decoder.
 
     python bench/decode_speed.py            # the full table (a few minutes on 2 cores)
-    python bench/decode_speed.py --quick    # batches 1 and 8, fewer repeats
+    python bench/decode_speed.py --quick    # a smoke test in seconds: a tiny model, batches 1 and 4
 
 Every path computes the same function with the same weights (E=256, H=512, 2
 layers, vocab 8,000, random weights unless --checkpoint): the tutorial-style decoder
@@ -13,8 +13,8 @@ then), so every path does the same work.
   encoder, then per time step an `nn.LSTM` call, attention energies recomputed
   with an `nn.Linear` over the encoder outputs, `nn.Linear` output layers, softmax
   then max/topk; beam search one hypothesis at a time (one decoder call per beam).
-- reference: `model.inference.generate` (eager `Seq2Seq.step`, batched searches).
-- fast / fast-int8: `model.fastpath.FastDecoder(model[, quantize="int8"]).generate`.
+- reference: `model.inference.decode_sources` (eager `Seq2Seq.step`, batched searches).
+- fast / fast-int8: `model.fastpath.FastDecoder(model[, quantize="int8"]).decode_sources`.
 
 Bounds: the weight-read bound at batch 1 is the bytes one step reads (matrices and
 the attention memory of one row) over the memory bandwidth measured here, both for
@@ -30,16 +30,20 @@ import math
 import time
 
 import torch
-from common import available_cores, best_time, calls_for, machine_line, table
+from common import best_time, calls_for, machine_line, table
 from torch import Tensor
 from tutorial import TutorialSeq2Seq, beam, greedy
 
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.decoding import DecodeOptions
+from model.device import available_cores
 from model.fastpath import DenseLinear, FastDecoder, Linear
-from model.inference import collate_sources, encode_sources, generate, step_rows
+from model.inference import collate_sources, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
+
+SHIPPED_SIZE = ModelConfig(vocab_size=8000, embedding_dim=256, hidden_size=512, num_layers=2)
+QUICK_SIZE = ModelConfig(vocab_size=500, embedding_dim=32, hidden_size=64, num_layers=2)
 
 # -- bounds ---------------------------------------------------------------------------------
 
@@ -51,7 +55,7 @@ def read_bandwidth(nbytes: int, seconds: float = 0.5) -> float:
     return buf.numel() * 4 / best_time(lambda: buf.sum(), repeats=5, number=n)
 
 
-def gemm_time(fd: FastDecoder, R: int, repeats: int) -> float:
+def gemm_time(fd: FastDecoder, R: int, repeats: int, seconds: float = 0.1) -> float:
     """The step's matrix products alone for R rows, back to back (seconds)."""
     mats: list[Linear] = [*fd.gates, fd.combine, fd.out]
     if fd.bottleneck is not None:
@@ -68,7 +72,7 @@ def gemm_time(fd: FastDecoder, R: int, repeats: int) -> float:
             m(x)
 
     with torch.inference_mode():
-        return best_time(run, repeats=repeats, number=calls_for(run, 0.1))
+        return best_time(run, repeats=repeats, number=calls_for(run, seconds))
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -76,28 +80,33 @@ def gemm_time(fd: FastDecoder, R: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="batches 1 and 8, fewer repeats")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: a tiny random model, batches 1 and 4, short replies, one repeat")
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--length", type=int, default=20, help="reply tokens per source")
     p.add_argument("--source-length", type=int, default=20)
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores; --quick: 1)")
     p.add_argument("--checkpoint", help="a checkpoint directory instead of random weights")
     p.add_argument("--no-tutorial", action="store_true", help="skip the (slow) tutorial-style decoder")
     p.add_argument("--tutorial-beam-items", type=int, default=8,
                    help="the tutorial beam decodes items one by one; time this many and scale")
     args = p.parse_args()
-    batches = [1, 8] if args.quick else [int(b) for b in args.batches.split(",")]
+    batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
     repeats = 1 if args.quick else args.repeats
-    torch.set_num_threads(args.threads)
+    if args.quick:  # every path still runs, on sizes that take seconds
+        args.length = args.source_length = 6
+        args.beam_size, args.tutorial_beam_items = 3, 2
+    time_scale = 0.1 if args.quick else 1.0  # of the seconds calls_for and read_bandwidth spend
+    torch.set_num_threads(args.threads or (1 if args.quick else available_cores()))
     torch.manual_seed(0)
 
     if args.checkpoint:
         model = load_checkpoint(args.checkpoint).model.eval()
         label = f"checkpoint {args.checkpoint}"
     else:
-        model = Seq2Seq(ModelConfig(vocab_size=8000, embedding_dim=256, hidden_size=512, num_layers=2)).eval()
+        model = Seq2Seq(QUICK_SIZE if args.quick else SHIPPED_SIZE).eval()
         label = "random weights"
     cfg = model.cfg
     print(f"# decode speed: E={cfg.embedding_dim} H={cfg.hidden_size} L={cfg.num_layers} "
@@ -115,8 +124,8 @@ def main() -> None:
     # Same function: the tutorial decoder's greedy replies are the model's.
     check = all_sources[:2]
     same = greedy(tut, check, args.length, args.length) == [
-        h[0].tokens for h in generate(model, check, greedy_opts)] == [
-        h[0].tokens for h in fast.generate(check, greedy_opts)]
+        h[0].tokens for h in decode_sources(model, check, greedy_opts)] == [
+        h[0].tokens for h in fast.decode_sources(check, greedy_opts)]
     print(f"greedy replies identical across tutorial / reference / fast: {same}\n")
 
     # 1. one decoder step at batch 1
@@ -133,15 +142,15 @@ def main() -> None:
             "fast": lambda: fast.step(tok, rows),
             "fast-int8": lambda: int8.step(tok, rows),
         }
-        step_ms = {k: 1e3 * best_time(f, repeats=5 * repeats, number=calls_for(f, 0.05))
+        step_ms = {k: 1e3 * best_time(f, repeats=5 * repeats, number=calls_for(f, 0.05 * time_scale))
                    for k, f in steps.items()}
     attn = 2 * args.source_length * cfg.hidden_size * 4
-    bw_dram = read_bandwidth(1 << 29)
-    bw_cache = read_bandwidth(fast.matrix_bytes())
+    bw_dram = read_bandwidth(1 << (24 if args.quick else 29), 0.5 * time_scale)
+    bw_cache = read_bandwidth(fast.matrix_bytes(), 0.5 * time_scale)
     bytes_f32, bytes_i8 = fast.matrix_bytes() + attn, int8.matrix_bytes() + attn
     bound = {k: 1e3 * b / bw for k, b, bw in (("dram", bytes_f32, bw_dram), ("cache", bytes_f32, bw_cache),
                                              ("dram8", bytes_i8, bw_dram), ("cache8", bytes_i8, bw_cache))}
-    print(f"read bandwidth: {bw_dram / 1e9:.1f} GB/s from a 512 MiB buffer (DRAM), "
+    print(f"read bandwidth: {bw_dram / 1e9:.1f} GB/s from a {16 if args.quick else 512} MiB buffer (DRAM), "
           f"{bw_cache / 1e9:.1f} GB/s from a {fast.matrix_bytes() / 2**20:.1f} MiB one (cache)")
     print(f"bytes per step at batch 1: {bytes_f32 / 1e6:.1f} MB float32, {bytes_i8 / 1e6:.1f} MB int8")
     print(f"weight-read bound at batch 1: {bound['cache']:.3f} ms (cache) / {bound['dram']:.3f} ms (DRAM) "
@@ -156,8 +165,8 @@ def main() -> None:
 
     # 2. whole replies
     paths = ([] if args.no_tutorial else ["tutorial"]) + ["reference", "fast", "fast-int8"]
-    generators = {"reference": lambda s, o: generate(model, s, o), "fast": fast.generate,
-                  "fast-int8": int8.generate}
+    decoders = {"reference": lambda s, o: decode_sources(model, s, o), "fast": fast.decode_sources,
+                "fast-int8": int8.decode_sources}
     results: dict[tuple[str, str, int], float] = {}
     for B in batches:
         sources = all_sources[:B]
@@ -173,7 +182,7 @@ def main() -> None:
                                                          args.length)
                         scale = B / n
                 else:
-                    run = lambda s=sources, o=opts, f=generators[name]: f(s, o)  # type: ignore[misc]  # noqa: E731
+                    run = lambda s=sources, o=opts, f=decoders[name]: f(s, o)  # type: ignore[misc]  # noqa: E731
                     scale = 1.0
                 small = B <= 8 and name != "tutorial"  # cheap to repeat; noisy with 2 threads
                 n_rep = 3 * repeats if small else repeats
@@ -207,7 +216,8 @@ def main() -> None:
         step_f = best_time(lambda: fast.step(tokR, rowsR), repeats=3 * repeats, number=3)
         step_8 = best_time(lambda: int8.step(tokR, rowsR), repeats=3 * repeats, number=3)
         step_r = best_time(lambda: step_rows(model, tokR, rowsR), repeats=3 * repeats, number=3)
-    g32, g8 = gemm_time(fast, R, 3 * repeats), gemm_time(int8, R, 3 * repeats)
+    g32 = gemm_time(fast, R, 3 * repeats, 0.1 * time_scale)
+    g8 = gemm_time(int8, R, 3 * repeats, 0.1 * time_scale)
     sources = all_sources[:R]
     encode = {"reference": lambda: encode_sources(model, sources), "fast": lambda: fast.encode(sources),
               "fast-int8": lambda: int8.encode(sources)}

@@ -3,6 +3,7 @@
     chatbot serve --port 8000 &                      # in another shell
     python bench/http_load.py http://127.0.0.1:8000  # 1, 8, 32, 128 clients; greedy then beam 5
     python bench/http_load.py http://127.0.0.1:8000 --quick
+    python bench/http_load.py --quick     # no server given: starts bench/stub_server.py, then stops it
 
 Each client is a coroutine with its own keep-alive connection (an aiohttp session
 limited to one connection) that sends `--requests` POST /api/chat requests one after
@@ -21,17 +22,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import math
 import resource
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
-from common import machine_line, table
+from common import free_port, machine_line, table
 
 PROMPTS = (
     "hi, how are you?", "what do you do for a living?", "do you have any pets?",
@@ -137,6 +142,7 @@ async def main_async(args: argparse.Namespace) -> int:
           f"{n} requests per client")
     print(f"# client machine: {machine_line()}\n")
     summary = {}
+    failed = 0
     for strategy in args.strategies.split(","):
         body: dict = {"strategy": strategy}
         if strategy == "beam":
@@ -147,6 +153,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for c in levels:
             level = await run_level(base, c, n, body, headers, args.timeout)
             results.append(level)
+            failed += sum(level.errors.values()) + (level.ok == 0)
             print(f"  {strategy} {c:4d} clients: {level.ok} ok, {sum(level.errors.values())} failed, "
                   f"{level.rps:.1f} req/s", flush=True)
         one = results[0]
@@ -155,21 +162,66 @@ async def main_async(args: argparse.Namespace) -> int:
                      "req/s vs 1 client", "p95 / 1-client p50", "client CPU %"], [
             [lv.clients, lv.ok, ",".join(f"{k}:{v}" for k, v in lv.errors.items()) or 0, lv.rps,
              lv.completion_tokens / lv.wall if lv.wall else math.nan, lv.percentile(50),
-             lv.percentile(95), lv.percentile(99), lv.rps / one.rps, lv.percentile(95) / one.percentile(50),
+             lv.percentile(95), lv.percentile(99), _ratio(lv.rps, one.rps),
+             _ratio(lv.percentile(95), one.percentile(50)),
              100 * lv.client_cpu / lv.wall if lv.wall else math.nan]
             for lv in results]))
         print()
         summary[strategy] = one.percentile(50)
     if "greedy" in summary and "beam" in summary:
-        print(f"single-client p50: beam {args.beam_size} costs {summary['beam'] / summary['greedy']:.2f}x "
-              "greedy per reply\n")
+        cost = _ratio(summary["beam"], summary["greedy"])
+        print(f"single-client p50: beam {args.beam_size} costs {cost:.2f}x greedy per reply\n")
     print(f"# finished {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.quick and failed:  # a smoke test: every request must succeed
+        print(f"FAILED: {failed} requests (or levels) did not get a reply", file=sys.stderr)
+        return 1
     return 0
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+@contextlib.contextmanager
+def stub_server(timeout: float = 60.0) -> Iterator[str]:
+    """bench/stub_server.py (the real app over an engine that answers at once) on a free port."""
+    port = free_port()
+    script = Path(__file__).with_name("stub_server.py")
+    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--no-access-log"],
+                            stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(_wait_ready(url, proc, timeout))
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"bench/stub_server.py exited with {proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with probe.get(f"{url}/ready") as r:
+                    if r.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise SystemExit("bench/stub_server.py did not become ready")
+            await asyncio.sleep(0.1)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000 (loopback only)")
+    p.add_argument("url", nargs="?",
+                   help="the server, e.g. http://127.0.0.1:8000 (loopback only); --quick without one "
+                        "starts bench/stub_server.py")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--requests", type=int, default=10, help="requests per client")
     p.add_argument("--strategies", default="greedy,beam")
@@ -179,6 +231,11 @@ def main() -> int:
     p.add_argument("--api-key", help="when the server has CHATBOT_API_KEY set")
     p.add_argument("--quick", action="store_true", help="1 and 8 clients, 3 requests each")
     args = p.parse_args()
+    if args.url is None:
+        if not args.quick:
+            p.error("the server's URL is required (but for --quick)")
+        with stub_server() as args.url:
+            return asyncio.run(main_async(args))
     if not is_loopback(args.url):
         print(f"refusing {args.url}: only loopback servers (127.0.0.1, ::1, localhost)", file=sys.stderr)
         return 2

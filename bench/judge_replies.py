@@ -6,6 +6,9 @@
     # the judge (a person, or a helper session shown only sheet.md) writes judgments.json:
     #   {"<item id>": {"sensible": 0 or 1, "specific": 0 or 1}, ...}
     python bench/judge_replies.py score --out bench/judged/dev
+    # a smoke test in seconds: `make` on 4 dev prompts into a temporary directory, then `score`
+    # over placeholder marks (every reply sensible, none specific), which measure nothing
+    python bench/judge_replies.py --quick
 
 A setting is a name of `model.evaluation.named_settings` (`greedy`, `beam5`, `sample1`,
 `sample16_mmi`, `beam10_mmi`, ...) or `STRATEGY:key=value,...` with keys n (samples, or beam
@@ -29,18 +32,19 @@ import json
 import random
 import string
 import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import ROOT, machine_line  # noqa: F401  (puts the checkout on sys.path)
+from common import ROOT, machine_line
 
 from app.reply_filter import ReplyFilter
 from model.checkpoint import Checkpoint, load_checkpoint, shipped_checkpoint_path
-from model.decoding import DecodeOptions
+from model.decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 from model.evaluation import named_settings, reply_stats
-from model.inference import generate
+from model.inference import decode_sources
 
 KEYS = {"n": ("n_best", int), "t": ("temperature", float), "p": ("top_p", float),
         "rerank": ("rerank", str), "w": ("mmi_weight", float), "lb": ("length_bonus", float)}
@@ -51,7 +55,8 @@ def parse_setting(spec: str, has_reverse: bool, max_length: int) -> DecodeOption
     if spec in named:
         return named[spec]
     strategy, _, rest = spec.partition(":")
-    opts = DecodeOptions(strategy=strategy, max_length=max_length, min_length=2, no_repeat_ngram_size=3)
+    opts = DecodeOptions(strategy=strategy, max_length=max_length, min_length=2,
+                         no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM_SIZE)
     fields = {}
     for part in filter(None, rest.split(",")):
         key, _, value = part.partition("=")
@@ -80,7 +85,7 @@ def make(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ckpts = checkpoints(args.checkpoint)
     reply_filter = ReplyFilter.standard()
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)[: args.max_prompts or None]
     replies: dict[str, list[str]] = {}
     for spec in args.settings:
         alias, _, setting = spec.rpartition("/") if "/" in spec.split(":")[0] else ("", "", spec)
@@ -91,8 +96,8 @@ def make(args: argparse.Namespace) -> None:
         generator = torch.Generator().manual_seed(args.seed)
         texts = []
         for start in range(0, len(sources), 16):
-            for hyps in generate(ckpt.model, sources[start:start + 16], opts, generator=generator,
-                                 reverse=reverse):
+            for hyps in decode_sources(ckpt.model, sources[start:start + 16], opts, generator=generator,
+                                       reverse=reverse):
                 cands = [ckpt.tokenizer.decode(h.tokens) for h in hyps]
                 kept = [cands[i] for i in reply_filter.passed(cands)]
                 texts.append(kept[0] if kept else reply_filter.fallback)
@@ -148,9 +153,24 @@ def score(args: argparse.Namespace) -> None:
     print(table)
 
 
+def quick() -> None:
+    """`make` and `score` end to end on a few prompts, with placeholder marks."""
+    with tempfile.TemporaryDirectory(prefix="judge-") as tmp:
+        args = argparse.Namespace(prompts=ROOT / "bench" / "prompts_dev.txt", out=Path(tmp), checkpoint=None,
+                                  settings=["greedy", "beam5", "sample:n=4,t=0.8,p=0.9"], seed=7, threads=1,
+                                  max_prompts=4)
+        make(args)
+        items = json.loads((args.out / "key.json").read_text(encoding="utf-8"))["items"]
+        marks = {item: {"sensible": 1, "specific": 0} for item in items}
+        (args.out / "judgments.json").write_text(json.dumps(marks), encoding="utf-8")
+        score(args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test of make and score (placeholder marks), in a temporary directory")
+    sub = p.add_subparsers(dest="command")
     m = sub.add_parser("make")
     m.add_argument("--prompts", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
@@ -159,10 +179,16 @@ def main() -> None:
     m.add_argument("--settings", nargs="+", required=True)
     m.add_argument("--seed", type=int, default=7)
     m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--max-prompts", type=int, default=0, help="the first N prompts only (0: all)")
     s = sub.add_parser("score")
     s.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    (make if args.command == "make" else score)(args)
+    if args.quick:
+        quick()
+    elif args.command is None:
+        p.error("a command (make or score) or --quick is required")
+    else:
+        (make if args.command == "make" else score)(args)
 
 
 if __name__ == "__main__":

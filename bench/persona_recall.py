@@ -1,6 +1,7 @@
 """Does a fine-tuned bot state its persona's facts when asked in words it never trained on?
 
     python bench/persona_recall.py --checkpoint runs/juniper [--checkpoint model/pretrained/chitchat]
+    python bench/persona_recall.py --quick   # a smoke test: the shipped model, 4 questions
 
 For every line of the held-out file (question TAB regex), the reply the server would give by
 default (beam search, ranked by likelihood, the reply filter applied) and whether it matches
@@ -18,21 +19,29 @@ import torch
 from common import ROOT, machine_line
 
 from app.reply_filter import ReplyFilter
-from model.checkpoint import load_checkpoint
-from model.decoding import DecodeOptions
-from model.inference import generate
+from model.checkpoint import load_checkpoint, shipped_checkpoint_path
+from model.decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
+from model.inference import decode_sources
 
-DEFAULT = DecodeOptions(strategy="beam", beam_size=5, n_best=5, min_length=2, no_repeat_ngram_size=3)
+DEFAULT = DecodeOptions(strategy="beam", beam_size=5, n_best=5, min_length=2,
+                        no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM_SIZE)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, action="append", required=True)
+    p.add_argument("--checkpoint", type=Path, action="append", help="repeatable (required, but for --quick)")
     p.add_argument("--heldout", type=Path, default=ROOT / "docs" / "persona" / "juniper_heldout.tsv")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads (default 2; --quick: 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: the shipped model (unless --checkpoint), the first 4 questions")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.checkpoint = args.checkpoint or [shipped_checkpoint_path()]
+    elif not args.checkpoint:
+        p.error("--checkpoint is required")
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     lines = [ln.split("\t") for ln in args.heldout.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = lines[:4] if args.quick else lines
     reply_filter = ReplyFilter.standard()
     replies: dict[str, list[str]] = {}
     for path in args.checkpoint:
@@ -40,7 +49,7 @@ def main() -> None:
         cfg = ckpt.model.cfg
         sources = [ckpt.tokenizer.encode_context([q], cfg.max_source_len) for q, _ in lines]
         texts = []
-        for hyps in generate(ckpt.model, sources, DEFAULT):
+        for hyps in decode_sources(ckpt.model, sources, DEFAULT):
             cands = [ckpt.tokenizer.decode(h.tokens) for h in hyps]
             kept = [cands[i] for i in reply_filter.passed(cands)]
             texts.append(kept[0] if kept else reply_filter.fallback)

@@ -2,6 +2,7 @@
 
     python bench/quant_quality.py --checkpoint runs/chitchat          # the chitchat test split
     python bench/quant_quality.py --checkpoint DIR --max-pairs 1000   # quicker
+    python bench/quant_quality.py --quick   # a smoke test in seconds: the shipped model, 24 chatterbot pairs
 
 Perplexity is per target token, teacher-forced, over the whole split, as `chatbot eval`
 computes it. Four ways:
@@ -29,12 +30,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 import torch
-from common import available_cores, machine_line, table
+from common import machine_line, table
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, shipped_checkpoint_path
 from model.config import load_run_config
 from model.data import Example, collate, make_batches
 from model.decoding import DecodeOptions
+from model.device import available_cores
 from model.evaluation import evaluate_loss
 from model.fastpath import FastDecoder
 from model.quantize import quantize_dynamic_int8
@@ -59,14 +61,21 @@ def step_loss(decoder: FastDecoder, examples: Sequence[Example], batch_size: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="the checkpoint to quantize (required, but for --quick)")
     p.add_argument("--corpus", default="chitchat")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--max-pairs", type=int, default=0, help="0: the whole split")
     p.add_argument("--generate", type=int, default=300, help="pairs whose greedy replies are compared")
-    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores; --quick: 1)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: the shipped model (unless "
+                   "--checkpoint), 24 pairs of chatterbot:english's test split, 8 replies compared, 1 thread")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.quick:  # chitchat takes half a minute to split and encode; chatterbot's English a second
+        args.checkpoint = args.checkpoint or str(shipped_checkpoint_path())
+        args.corpus, args.max_pairs, args.generate = "chatterbot:english", 24, 8
+    elif not args.checkpoint:
+        p.error("--checkpoint is required")
+    torch.set_num_threads(args.threads or (1 if args.quick else available_cores()))
 
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.model.eval()
@@ -103,8 +112,8 @@ def main() -> None:
 
     sources = [src for src, _ in examples[: args.generate]]
     opts = DecodeOptions(strategy="greedy", max_length=model.cfg.max_target_len)
-    a = [h[0].tokens for h in fast.generate(sources, opts)]
-    b = [h[0].tokens for h in int8.generate(sources, opts)]
+    a = [h[0].tokens for h in fast.decode_sources(sources, opts)]
+    b = [h[0].tokens for h in int8.decode_sources(sources, opts)]
     same = sum(x == y for x, y in zip(a, b, strict=True))
     print(f"\ngreedy replies identical between float32 and int8: {same}/{len(sources)} "
           f"({100 * same / max(len(sources), 1):.1f}%)")

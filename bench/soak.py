@@ -3,6 +3,7 @@
     python bench/soak.py                         # 3 minutes, 200 clients, a tiny checkpoint made here
     python bench/soak.py --minutes 10 --checkpoint model/pretrained/chitchat
     python bench/soak.py --minutes 0.5 --clients 50   # a quick look
+    python bench/soak.py --quick      # a smoke test: the shipped model, 16 clients, 2 s + 1.5 s phases
 
 It starts the server as a subprocess on 127.0.0.1 and a free port, with a small queue
 (`--queue`, CHATBOT_MAX_QUEUE) so that overload is real, and runs three phases:
@@ -32,7 +33,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import ROOT, machine_line, table
+from common import ROOT, free_port, machine_line, table
 
 PROMPTS = ("hello", "how are you", "what is your name", "do you like cats", "good morning",
            "what is the weather", "do you like music", "see you later", "do you like pizza",
@@ -52,12 +52,6 @@ OK = {200, 429, 503}
 
 
 # -- the server -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -131,7 +125,7 @@ class Server:
 
 def tiny_checkpoint(workdir: Path) -> Path:
     """A small model trained here in about a minute (no download)."""
-    from model.train_cli import run_training
+    from model.runs import run_training
 
     rng = random.Random(0)
     pairs = [("hello", "hi how are you"), ("how are you", "fine thanks and you"),
@@ -302,15 +296,27 @@ def main() -> int:
     p.add_argument("--deadline-s", type=float, default=0.05, help="request deadline in the deadline phase")
     p.add_argument("--deadline-phase-s", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test of every phase: the shipped model (unless --checkpoint; training the "
+                        "tiny one takes a minute) on the server's threads (CHATBOT_MODEL_PROCESS=false), "
+                        "16 clients, a queue of 8, a 2 s soak and a 1.5 s deadline phase")
     args = p.parse_args()
+    soak_s = max(args.minutes * 60 - args.deadline_phase_s, 10.0)
+    if args.quick:
+        from model.checkpoint import shipped_checkpoint_path
+
+        args.checkpoint = args.checkpoint or shipped_checkpoint_path()
+        args.clients, args.queue, args.batch, args.deadline_phase_s, soak_s = 16, 8, 16, 1.5, 2.0
 
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     checkpoint = args.checkpoint or tiny_checkpoint(workdir)
     print(machine_line())
     print(f"checkpoint {checkpoint}; {args.clients} clients; queue {args.queue}; batch {args.batch} rows; "
           f"{args.threads} server thread(s); logs in {workdir}", flush=True)
-    common = {"max_queue": args.queue, "max_batch_size": args.batch, "num_threads": args.threads}
-    soak_s = max(args.minutes * 60 - args.deadline_phase_s, 10.0)
+    common: dict[str, Any] = {"max_queue": args.queue, "max_batch_size": args.batch,
+                              "num_threads": args.threads}
+    if args.quick:  # the engine on the server's threads: ready in half the time, no worker to start
+        common["model_process"] = "false"
 
     server = Server(checkpoint, workdir / "server.log", request_timeout_s=60, **common)
     try:

@@ -1,7 +1,8 @@
 """Training speed: this project's trainer against the tutorial's step-by-step loop, in one run.
 
-    python bench/train_speed.py            # 3,000 chitchat pairs, one pass each
-    python bench/train_speed.py --quick    # 600 pairs
+    python bench/train_speed.py              # 3,000 chitchat pairs, one pass each
+    python bench/train_speed.py --pairs 600  # a shorter run of the same model
+    python bench/train_speed.py --quick      # a smoke test in seconds: 64 pairs, a tiny model
 
 Both train the same model (E=256, H=512, 2 layers, output vocabulary 8,000, dropout
 0.1, from the same initial weights) on the same pairs (the first conversations of
@@ -31,11 +32,12 @@ from pathlib import Path
 
 import torch
 import tutorial
-from common import available_cores, machine_line, table
+from common import machine_line, table
 
 from model.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from model.corpus import load_corpora, make_pairs
 from model.data import collate, encode_pairs, make_batches
+from model.device import available_cores
 from model.network import Seq2Seq
 from model.tokenizer import Tokenizer
 from model.training import Corpus, Trainer
@@ -57,20 +59,25 @@ def load_slice(n_pairs: int, context_turns: int, vocab_size: int, seed: int) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="600 pairs")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 64 pairs, E=32 H=64 V=500, batches of 16, 1 thread")
     p.add_argument("--pairs", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=4096, help="target tokens per batch at most")
     p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=("fp32", "bf16", "auto"),
                    help="trainer precisions, side by side in this run (the first is the baseline)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores; --quick: 1)")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
-    n_pairs = 600 if args.quick else args.pairs
+    n_pairs = args.pairs
+    mcfg = ModelConfig(vocab_size=8000, embedding_dim=256, hidden_size=512, num_layers=2, dropout=0.1)
+    if args.quick:  # both loops and every precision still run, on sizes that take seconds
+        n_pairs, args.batch_size, args.max_tokens = 64, 16, 1024
+        mcfg = ModelConfig(vocab_size=500, embedding_dim=32, hidden_size=64, num_layers=2, dropout=0.1)
+    args.threads = args.threads or (1 if args.quick else available_cores())
     torch.set_num_threads(args.threads)
 
-    mcfg = ModelConfig(vocab_size=8000, embedding_dim=256, hidden_size=512, num_layers=2, dropout=0.1)
     started = time.perf_counter()
     tokenizer, pairs = load_slice(n_pairs, mcfg.context_turns, mcfg.vocab_size, args.seed)
     examples = encode_pairs(pairs, tokenizer, mcfg)

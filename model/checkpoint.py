@@ -20,19 +20,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, from_dict
+from .checkpoint_meta import (  # noqa: F401  (CheckpointError, FILES, shipped_checkpoint_path: this module's API too)
+    FILES,
+    FORMAT,
+    REVERSE_DIR,
+    CheckpointError,
+    checkpoint_name,
+    read_meta,
+    shipped_checkpoint_path,
+)
 from .network import Seq2Seq
 from .tokenizer import Tokenizer
-
-FORMAT = "seq2seq-chatbot/1"
-FILES = ("config.json", "tokenizer.json", "model.safetensors", "metrics.json")
-
-
-REVERSE_DIR = "reverse"  # a checkpoint's reverse model, for MMI reranking
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -46,7 +44,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return str(self.config.get("name") or (self.path.name if self.path else "seq2seq"))
+        return checkpoint_name(self.config, self.path)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -96,53 +94,10 @@ def save_checkpoint(directory: Path, model: Seq2Seq, tokenizer: Tokenizer, *,
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def _refuse_pickle(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise CheckpointError(
-            f"{path}: looks like a pickle or torch.save archive, not safetensors; "
-            "refusing to load it (pickles can run code)")
-
-
 def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such checkpoint directory")
-    config = _read_json(directory / "config.json")
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{directory / 'config.json'}: unknown format {config.get('format')!r}")
-    try:
-        cfg = from_dict(ModelConfig, dict(config.get("model") or {}), section="model")
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / 'config.json'}: bad model config ({exc})") from None
-    tok_path = directory / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{tok_path}: missing")
-    try:
-        tokenizer = Tokenizer.from_str(tok_path.read_text(encoding="utf-8"),
-                                       lowercase=bool(config.get("tokenizer", {}).get("lowercase")))
-    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        raise CheckpointError(f"{tok_path}: not a valid tokenizer ({exc})") from None
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"{tok_path}: vocabulary of {tokenizer.vocab_size} tokens, "
-                              f"but config.json says {cfg.vocab_size}")
-    weights = directory / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    _refuse_pickle(weights)
+    meta = read_meta(directory)
+    directory, cfg, tokenizer = Path(directory), meta.cfg, meta.tokenizer
+    weights = directory / "model.safetensors"  # there, and no pickle: read_meta checked
     try:
         tensors = load_file(weights, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -164,10 +119,8 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -
             raise CheckpointError(f"{weights}: {k} holds NaN or infinite values")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     model.to(device).eval()
-    metrics_path = directory / "metrics.json"
-    metrics = _read_json(metrics_path) if metrics_path.exists() else {}
     reverse = _load_reverse(directory, tokenizer, device) if (directory / REVERSE_DIR).is_dir() else None
-    return Checkpoint(model=model, tokenizer=tokenizer, config=config, metrics=metrics,
+    return Checkpoint(model=model, tokenizer=tokenizer, config=meta.config, metrics=meta.metrics,
                       path=directory, reverse=reverse)
 
 
@@ -183,8 +136,3 @@ def _load_reverse(directory: Path, tokenizer: Tokenizer, device: torch.device | 
     if reverse.tokenizer.to_str() != tokenizer.to_str():
         raise CheckpointError(f"{path / 'tokenizer.json'}: not the forward model's tokenizer")
     return reverse
-
-
-def shipped_checkpoint_path() -> Path:
-    """The pretrained checkpoint inside the package."""
-    return Path(__file__).resolve().parent / "pretrained" / "chitchat"

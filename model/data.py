@@ -49,8 +49,9 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, cfg: ModelConfig) 
 
 def collate_sources(sources: Sequence[Sequence[int]], device: torch.device | str = "cpu"
                     ) -> tuple[Tensor, Tensor]:
-    """Right-padded (B, S) ids and (B,) lengths; an empty source becomes one PAD token
-    of length 1 so that the packed LSTM accepts it."""
+    """Right-padded (B, S) ids and (B,) lengths; an empty source becomes one PAD token of
+    length 1, as the encoder needs a last real position per row (its summary reads it) and
+    attention one unmasked position."""
     lens = [max(len(s), 1) for s in sources]
     src = torch.full((len(sources), max(lens)), PAD_ID, dtype=torch.long)
     for i, s in enumerate(sources):

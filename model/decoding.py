@@ -22,66 +22,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Collection, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from .options import (  # noqa: F401  (this module's API too)
+    DEFAULT_LENGTH_PENALTY,
+    DEFAULT_NO_REPEAT_NGRAM_SIZE,
+    RERANKS,
+    STRATEGIES,
+    DecodeOptions,
+    Hypothesis,
+)
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 
 NEVER_EMIT = (PAD_ID, BOS_ID, UNK_ID, SEP_ID)
-STRATEGIES = ("greedy", "beam", "sample")
-RERANKS = ("none", "likelihood", "mmi")  # model/rerank.py
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    strategy: str = "greedy"
-    beam_size: int = 4
-    n_best: int = 1  # beam: how many finished hypotheses to return; sample: how many samples
-    max_length: int = 40
-    min_length: int = 1
-    length_penalty: float = 0.6  # GNMT alpha; 0 disables
-    no_repeat_ngram_size: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # How the reply is chosen among the candidates (model/rerank.py). Not compared: requests that
-    # search alike share one search whatever their reranking.
-    rerank: str = field(default="likelihood", compare=False)
-    mmi_weight: float = field(default=0.5, compare=False)
-    length_bonus: float = field(default=0.0, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
-        if self.beam_size < 1 or self.n_best < 1 or self.max_length < 1:
-            raise ValueError("beam_size, n_best and max_length must be >= 1")
-        if self.strategy == "beam" and self.n_best > self.beam_size:
-            raise ValueError("n_best must be <= beam_size")
-        if self.min_length < 0 or self.min_length > self.max_length:
-            raise ValueError("min_length must be in [0, max_length]")
-        if self.rerank not in RERANKS:
-            raise ValueError(f"rerank must be one of {', '.join(RERANKS)}")
-        if not (0.0 <= self.mmi_weight <= 10.0 and -1.0 <= self.length_bonus <= 1.0):
-            raise ValueError("mmi_weight must be in [0, 10] and length_bonus in [-1, 1]")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
-
-    @property
-    def rows_per_item(self) -> int:
-        if self.strategy == "beam":
-            return self.beam_size
-        return self.n_best if self.strategy == "sample" else 1
-
-
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # generated tokens, without the end-of-sequence token
-    score: float  # log-probability divided by the GNMT length penalty
-    logprob: float
-    finished: bool = True  # False when cut at max_length
-
-
 @dataclass
 class StepResult:
     finished: list[tuple[Hashable, list[Hypothesis]]]
@@ -326,10 +283,6 @@ class GreedySearch(Search):
     def _row_tensors(self) -> tuple[str, ...]:
         return (*super()._row_tensors(), "done")
 
-    def choose(self, logp: Tensor) -> Tensor:
-        """The token of each row from its constrained log-probs."""
-        return _argmax(logp)
-
     def _pick(self, logp: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
         """(R,) tokens and their constrained log-probs.
 
@@ -532,10 +485,13 @@ def make_search(ids: list[Hashable], opts: DecodeOptions, device: torch.device |
     return cls(ids, opts, device=device, generator=generator)
 
 
-StepFn = Callable[[Tensor, object], tuple[Tensor, object]]
+State = TypeVar("State")
+# One decoder step over any recurrent state: tokens (R,), state of R rows -> log-probs (R, V) and
+# the new state. model.inference.RowStepFn is this over DecoderRows, the state the model's steps use.
+SearchStepFn = Callable[[Tensor, State], tuple[Tensor, State]]
 
 
-def decode(step: StepFn, state: object, select: Callable[[object, Tensor], object],
+def decode(step: SearchStepFn[State], state: State, select: Callable[[State, Tensor], State],
            batch_size: int, opts: DecodeOptions, device: torch.device | str = "cpu",
            generator: torch.Generator | None = None, *, inplace: bool = False) -> list[list[Hypothesis]]:
     """Run a search to the end over a generic step function.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import Batch, Example, collate, make_batches
-from .decoding import DecodeOptions
-from .inference import generate
+from .decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
+from .inference import decode_sources
 from .network import Seq2Seq
 from .tokenizer import Tokenizer
 
@@ -51,10 +52,23 @@ class LossStats:
         return math.exp(min(self.nll / max(self.words, 1), 50.0))
 
 
-def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the real target tokens; the output layer only sees those."""
+def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
+               teacher_forcing_ratio: float = 1.0, rng: random.Random | None = None,
+               ) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the real target tokens, and their count; the output layer only
+    sees those. The trainer's loss and the evaluation's, in the caller's precision (autocast).
+
+    `teacher_forcing_ratio` < 1 (a training option): at each step, with probability 1 - ratio
+    (one draw from `rng` for the whole batch), the decoder reads its own prediction instead of
+    the reference token.
+    """
     enc = model.encode(batch.src, batch.src_lens)
-    feats = model.decode_features(batch.tgt_in, enc)  # (B, T, H)
+    if teacher_forcing_ratio < 1.0:
+        if rng is None:
+            raise ValueError("teacher_forcing_ratio < 1 needs an rng")
+        feats = model.decode_features_sampled(batch.tgt_in, enc, teacher_forcing_ratio, rng)
+    else:
+        feats = model.decode_features(batch.tgt_in, enc)  # (B, T, H)
     keep = batch.tgt_out != 0
     logits = model.project(feats[keep])  # (N, V)
     loss = F.cross_entropy(logits.float(), batch.tgt_out[keep], reduction="sum",
@@ -102,7 +116,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 def reply(model: Seq2Seq, tokenizer: Tokenizer, turns: Sequence[str], opts: DecodeOptions) -> str:
     src = tokenizer.encode_context(turns, model.cfg.max_source_len)
-    hyps = generate(model, [src], opts)[0]
+    hyps = decode_sources(model, [src], opts)[0]
     return tokenizer.decode(hyps[0].tokens) if hyps else ""
 
 
@@ -113,7 +127,7 @@ def generation_metrics(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[
     hyps, refs = [], []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        out = generate(model, [src for src, _ in chunk], opts)
+        out = decode_sources(model, [src for src, _ in chunk], opts)
         hyps += [tokenizer.decode(h[0].tokens) if h else "" for h in out]
         refs += [tokenizer.decode(tgt) for _, tgt in chunk]
     bleu = sacrebleu.corpus_bleu(hyps, [refs]).score if hyps else 0.0
@@ -124,9 +138,9 @@ def generation_metrics(model: Seq2Seq, tokenizer: Tokenizer, examples: Sequence[
 def named_settings(has_reverse: bool, max_length: int = 40) -> dict[str, DecodeOptions]:
     """The decoding settings `chatbot eval` compares: the server's default first (beam 5 ranked by
     likelihood, what /api/chat does with only a message; docs/QUALITY.md), then sampling and beam
-    search reranked (by MMI when a reverse model is there), greedy and one sample. All forbid a
-    repeated 3-gram, as the server does."""
-    common = {"max_length": max_length, "min_length": 2, "no_repeat_ngram_size": 3}
+    search reranked (by MMI when a reverse model is there), greedy and one sample. All ban
+    repeated n-grams as the server does (DEFAULT_NO_REPEAT_NGRAM_SIZE)."""
+    common = {"max_length": max_length, "min_length": 2, "no_repeat_ngram_size": DEFAULT_NO_REPEAT_NGRAM_SIZE}
     rerank = "mmi" if has_reverse else "likelihood"
     return {
         "beam5": DecodeOptions(strategy="beam", beam_size=5, n_best=5, **common),
@@ -170,8 +184,8 @@ def setting_metrics(model: Seq2Seq, tokenizer: Tokenizer, sources: Sequence[Sequ
         generator = torch.Generator().manual_seed(seed)
         texts = []
         for start in range(0, len(sources), batch_size):
-            found = generate(model, sources[start:start + batch_size], opts, generator=generator,
-                             reverse=reverse)
+            found = decode_sources(model, sources[start:start + batch_size], opts, generator=generator,
+                                   reverse=reverse)
             texts += [tokenizer.decode(h[0].tokens) if h else "" for h in found]
         out[name] = reply_stats(texts)
     return out
@@ -179,8 +193,9 @@ def setting_metrics(model: Seq2Seq, tokenizer: Tokenizer, sources: Sequence[Sequ
 
 def sample_replies(model: Seq2Seq, tokenizer: Tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS,
                    ) -> list[dict[str, str]]:
-    # the server's defaults: no 3-gram said twice (greedy LSTMs love "cooking, cooking, cooking")
-    greedy = DecodeOptions(strategy="greedy", max_length=30, no_repeat_ngram_size=3)
-    beam = DecodeOptions(strategy="beam", beam_size=5, max_length=30, no_repeat_ngram_size=3)
+    # the server's n-gram ban
+    ban = DEFAULT_NO_REPEAT_NGRAM_SIZE
+    greedy = DecodeOptions(strategy="greedy", max_length=30, no_repeat_ngram_size=ban)
+    beam = DecodeOptions(strategy="beam", beam_size=5, max_length=30, no_repeat_ngram_size=ban)
     return [{"prompt": p, "greedy": reply(model, tokenizer, [p], greedy),
              "beam": reply(model, tokenizer, [p], beam)} for p in prompts]

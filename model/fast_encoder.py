@@ -33,8 +33,9 @@ from .inference import DecoderRows, collate_sources
 from .network import EncoderOutput, Seq2Seq
 
 
-def _ifog(t: Tensor, h: int) -> Tensor:
-    """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g)."""
+def to_ifog(t: Tensor, h: int) -> Tensor:
+    """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g), so that one sigmoid
+    covers three gates (here and in model/fastpath.py's decoder step)."""
     return torch.cat([t[: 2 * h], t[3 * h:], t[2 * h: 3 * h]])
 
 
@@ -45,7 +46,7 @@ class _Layer:
         h = self.h = int(fwd.hidden_size)  # type: ignore[arg-type]
 
         def gates(lstm: torch.nn.Module, name: str) -> Tensor:
-            return _ifog(getattr(lstm, name), h)
+            return to_ifog(getattr(lstm, name), h)
 
         w_ih = torch.cat([gates(fwd, "weight_ih_l0"), gates(bwd, "weight_ih_l0")])  # (8h, In)
         b = torch.cat([gates(d, "bias_ih_l0") + gates(d, "bias_hh_l0") for d in (fwd, bwd)])

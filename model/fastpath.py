@@ -33,19 +33,18 @@ recompiling on every new (rows, source length) shape.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .decoding import DecodeOptions, Hypothesis, decode
-from .fast_encoder import FastEncoder
-from .inference import DecoderRows, encode_sources
-from .network import EncoderOutput, Seq2Seq
+from .fast_encoder import FastEncoder, to_ifog
+from .inference import DecoderRows, RowStepFn, encode_sources
+from .network import Seq2Seq
 from .quantize import Int8Linear, quantize_dynamic_int8
 from .rerank import rerank_batch
 
-StepFn = Callable[[Tensor, DecoderRows], tuple[Tensor, DecoderRows]]
 QUANTIZE_MODES = (None, "int8")
 
 
@@ -92,11 +91,6 @@ class DenseLinear:
 Linear = DenseLinear | Int8Linear
 
 
-def _ifog(t: Tensor, H: int) -> Tensor:
-    """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g)."""
-    return torch.cat([t[: 2 * H], t[3 * H:], t[2 * H: 3 * H]])
-
-
 class FastDecoder:
     """Precomputed weights and a lean `step` for one loaded model (rebuild it if the weights change)."""
 
@@ -120,7 +114,7 @@ class FastDecoder:
             for layer in range(self.L):
                 w = torch.cat([getattr(dec, f"weight_ih_l{layer}"), getattr(dec, f"weight_hh_l{layer}")], 1)
                 b = getattr(dec, f"bias_ih_l{layer}") + getattr(dec, f"bias_hh_l{layer}")
-                self.gates.append(make(_ifog(w, self.H), _ifog(b, self.H), pack=True))  # (4H, In+H)
+                self.gates.append(make(to_ifog(w, self.H), to_ifog(b, self.H), pack=True))  # (4H, In+H)
             self.combine = make(model.combine.weight)  # (H, 2H)
             self.bottleneck: Linear | None = (make(model.bottleneck.weight)
                                               if isinstance(model.bottleneck, torch.nn.Linear) else None)
@@ -205,12 +199,12 @@ class FastDecoder:
         return DecoderRows(state=(h.index_select(1, index), c.index_select(1, index)), enc=rows.enc)
 
     @torch.inference_mode()
-    def generate(self, sources: Sequence[Sequence[int]], opts: DecodeOptions,
-                 generator: torch.Generator | None = None, reverse: Seq2Seq | None = None,
-                 ) -> list[list[Hypothesis]]:
-        """`model.inference.generate` through the fast step: one hypothesis list per source."""
+    def decode_sources(self, sources: Sequence[Sequence[int]], opts: DecodeOptions,
+                       generator: torch.Generator | None = None, reverse: Seq2Seq | None = None,
+                       ) -> list[list[Hypothesis]]:
+        """`model.inference.decode_sources` through the fast step: one hypothesis list per source."""
         # the step's log-probs are a fresh tensor each time: the search may overwrite them
-        found = decode(self.step, self.encode(sources), self.select,  # type: ignore[arg-type]
+        found = decode(self.step, self.encode(sources), self.select,
                        batch_size=len(sources), opts=opts, device=self.device, generator=generator,
                        inplace=True)
         return rerank_batch(sources, found, opts, reverse)
@@ -235,11 +229,6 @@ def fast_encoder_wins(rows: int, length: int) -> bool:
     return rows * length <= (160 if torch.get_num_threads() == 1 else 40)
 
 
-def make_step(model: Seq2Seq, quantize: str | None = None) -> StepFn:
+def make_step(model: Seq2Seq, quantize: str | None = None) -> RowStepFn:
     """The serving seam: a step callable with `model.inference.step_rows`'s contract."""
     return FastDecoder(model, quantize=quantize).step
-
-
-def attention_bytes(enc: EncoderOutput) -> int:
-    """Bytes of encoder keys and memory one step reads for the rows of `enc`."""
-    return (enc.keys.numel() + enc.memory.numel()) * enc.keys.element_size()

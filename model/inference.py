@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .data import collate_sources
-from .decoding import DecodeOptions, Hypothesis, decode
+from .decoding import DecodeOptions, Hypothesis, SearchStepFn, decode
 from .network import EncoderOutput, LSTMState, Seq2Seq
 from .rerank import rerank_batch
 
@@ -49,6 +49,11 @@ class DecoderRows:
                                   torch.cat([r.state[1] for r in rows], 1)), enc=enc)
 
 
+# The decoder step the searches and the server's batch run over rows (`step_rows` is the reference
+# one, `model.fastpath.FastDecoder.step` the fast one): tokens (R,), rows -> log-probs (R, V), new rows.
+RowStepFn = SearchStepFn[DecoderRows]
+
+
 @torch.inference_mode()
 def encode_sources(model: Seq2Seq, sources: Sequence[Sequence[int]]) -> DecoderRows:
     device = next(model.parameters()).device
@@ -63,20 +68,21 @@ def step_rows(model: Seq2Seq, tokens: Tensor, rows: DecoderRows) -> tuple[Tensor
 
 
 @torch.inference_mode()
-def generate(model: Seq2Seq, sources: Sequence[Sequence[int]], opts: DecodeOptions,
-             generator: torch.Generator | None = None, reverse: Seq2Seq | None = None,
-             ) -> list[list[Hypothesis]]:
-    """Decode a batch of token-id sources; one hypothesis list per source, ordered by
-    `opts.rerank` (best first; `reverse` is the reverse model `mmi` needs)."""
+def decode_sources(model: Seq2Seq, sources: Sequence[Sequence[int]], opts: DecodeOptions,
+                   generator: torch.Generator | None = None, reverse: Seq2Seq | None = None,
+                   ) -> list[list[Hypothesis]]:
+    """Encode a batch of token-id sources and search their replies with the reference step; one
+    hypothesis list per source, ordered by `opts.rerank` (best first; `reverse` is the reverse
+    model `mmi` needs). `FastDecoder.decode_sources` (model/fastpath.py) is the same through the
+    fast step."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        rows = encode_sources(model, sources)
         found = decode(
-            lambda tokens, r: step_rows(model, tokens, r),  # type: ignore[arg-type]
-            rows, lambda r, i: r.index_select(i),  # type: ignore[attr-defined]
-            batch_size=len(sources), opts=opts, device=device, generator=generator,
+            lambda tokens, rows: step_rows(model, tokens, rows), encode_sources(model, sources),
+            DecoderRows.index_select, batch_size=len(sources), opts=opts, device=device,
+            generator=generator,
             inplace=True,  # model.step returns fresh log-probs: the search may overwrite them
         )
     finally:

@@ -8,7 +8,7 @@ the decoder step, the tied output layer included, which is the biggest one.
 
 `quantize_dynamic_int8(model)` is the stock route, `torch.ao.quantization.quantize_dynamic`
 over the model's `nn.Linear` and `nn.LSTM` modules (encoder included); it returns a
-model that works with the reference path (`generate`, `evaluate_loss`) but leaves
+model that works with the reference path (`decode_sources`, `evaluate_loss`) but leaves
 the tied output layer in float32, because that is a function of the embedding, not
 an `nn.Linear`.
 

@@ -108,6 +108,6 @@ def rerank(items: Sequence[RerankItem], reverse: Seq2Seq | None) -> list[list[Hy
 
 def rerank_batch(sources: Sequence[Sequence[int]], found: Sequence[list[Hypothesis]], opts: DecodeOptions,
                  reverse: Seq2Seq | None = None) -> list[list[Hypothesis]]:
-    """`rerank` for a batch decoded with one set of options (model.inference.generate and
-    FastDecoder.generate)."""
+    """`rerank` for a batch decoded with one set of options (model.inference.decode_sources
+    and FastDecoder.decode_sources)."""
     return rerank([RerankItem(list(s), hyps, opts) for s, hyps in zip(sources, found, strict=True)], reverse)

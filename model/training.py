@@ -26,6 +26,7 @@ from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import RunConfig
 from .corpus import load_corpora, make_pairs, reverse_pairs, split_conversations
 from .data import Example, collate, encode_pairs, make_batches
+from .device import pick_device
 from .evaluation import LossStats, batch_loss, evaluate_loss
 from .network import Seq2Seq
 from .precision import Precision, choose_precision, timed
@@ -104,10 +105,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, floor: float) -
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Trainer:
@@ -423,17 +420,10 @@ class Trainer:
         return float(loss.detach())
 
     def _batch_loss(self, model: Seq2Seq, batch: Any) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the batch's target tokens, and their count."""
+        """`batch_loss` with this run's label smoothing and teacher forcing (DDP wraps this)."""
         t = self.cfg.train
-        if t.teacher_forcing_ratio < 1.0:
-            enc = model.encode(batch.src, batch.src_lens)
-            feats = model.decode_features_sampled(batch.tgt_in, enc, t.teacher_forcing_ratio, self.rng)
-            keep = batch.tgt_out != 0
-            logits = model.project(feats[keep])
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.float(), batch.tgt_out[keep], reduction="sum", label_smoothing=t.label_smoothing)
-            return loss_sum, int(keep.sum())
-        return batch_loss(model, batch, t.label_smoothing)
+        return batch_loss(model, batch, t.label_smoothing, teacher_forcing_ratio=t.teacher_forcing_ratio,
+                          rng=self.rng)
 
 
 def _is_main_thread() -> bool:

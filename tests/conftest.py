@@ -123,7 +123,7 @@ def tiny_checkpoint_with_reverse(tmp_path_factory: pytest.TempPathFactory, tiny_
     """The tiny checkpoint with a reverse model in reverse/ (`chatbot train --init ... --reverse`)."""
     import shutil
 
-    from model.train_cli import run_training
+    from model.runs import run_training
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny_mmi"
     shutil.copytree(tiny_checkpoint, out,

@@ -17,7 +17,7 @@ from model.decoding import (
     length_penalty,
     make_search,
 )
-from model.inference import encode_sources, generate, step_rows
+from model.inference import decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.tokenizer import BOS_ID, EOS_ID, SEP_ID, UNK_ID
 
@@ -96,7 +96,7 @@ def test_batched_beam_search_equals_reference_beam_search(tiny_model: Seq2Seq, a
     srcs = sources(6, V_, seed=1)
     opts = DecodeOptions(strategy="beam", beam_size=4, n_best=4, max_length=7, length_penalty=alpha,
                          no_repeat_ngram_size=no_repeat)
-    batched = generate(tiny_model, srcs, opts)
+    batched = decode_sources(tiny_model, srcs, opts)
     for src, got in zip(srcs, batched, strict=True):
         want = reference_beam(tiny_model, src, opts)
         assert [h.tokens for h in got] == [h.tokens for h in want]
@@ -105,8 +105,8 @@ def test_batched_beam_search_equals_reference_beam_search(tiny_model: Seq2Seq, a
 
 def test_beam_size_one_equals_greedy(tiny_model: Seq2Seq) -> None:
     srcs = sources(8, tiny_model.cfg.vocab_size, seed=2)
-    greedy = generate(tiny_model, srcs, DecodeOptions(strategy="greedy", max_length=10))
-    beam1 = generate(tiny_model, srcs, DecodeOptions(strategy="beam", beam_size=1, max_length=10))
+    greedy = decode_sources(tiny_model, srcs, DecodeOptions(strategy="greedy", max_length=10))
+    beam1 = decode_sources(tiny_model, srcs, DecodeOptions(strategy="beam", beam_size=1, max_length=10))
     assert [g[0].tokens for g in greedy] == [b[0].tokens for b in beam1]
 
 
@@ -115,9 +115,9 @@ def test_batched_decoding_equals_single_decodes(tiny_model: Seq2Seq, strategy: s
     srcs = sources(10, tiny_model.cfg.vocab_size, seed=3)
     opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=3 if strategy == "beam" else 1,
                          max_length=9, no_repeat_ngram_size=2)
-    together = generate(tiny_model, srcs, opts)
+    together = decode_sources(tiny_model, srcs, opts)
     for src, hyps in zip(srcs, together, strict=True):
-        alone = generate(tiny_model, [src], opts)[0]
+        alone = decode_sources(tiny_model, [src], opts)[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-5)
 
@@ -125,7 +125,7 @@ def test_batched_decoding_equals_single_decodes(tiny_model: Seq2Seq, strategy: s
 def test_nbest_lists_are_sorted_and_distinct(tiny_model: Seq2Seq) -> None:
     srcs = sources(5, tiny_model.cfg.vocab_size, seed=4)
     opts = DecodeOptions(strategy="beam", beam_size=5, n_best=5, max_length=8)
-    for hyps in generate(tiny_model, srcs, opts):
+    for hyps in decode_sources(tiny_model, srcs, opts):
         assert len(hyps) == 5
         scores = [h.score for h in hyps]
         assert scores == sorted(scores, reverse=True)

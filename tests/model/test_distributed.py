@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from model.distributed import DistContext, init_from_env
-from model.train_cli import run_training
+from model.runs import run_training
 from model.training import LOG_FILE, STATE_FILE, TrainingError, load_state
 from tests.conftest import toy_conversations, write_jsonl
 

@@ -8,7 +8,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
 from model.fastpath import FastDecoder, make_step
-from model.inference import DecoderRows, encode_sources, generate, step_rows
+from model.inference import DecoderRows, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.quantize import Int8Linear, quantize_dynamic_int8
 from model.tokenizer import BOS_ID
@@ -72,8 +72,8 @@ def test_step_matches_on_rows_joined_from_batches_with_different_source_lengths(
 def test_searches_give_identical_results_on_random_models(opts) -> None:
     for seed in (3, 4):
         model = random_model(seed)
-        ref = generate(model, SOURCES, opts)
-        fast = FastDecoder(model).generate(SOURCES, opts)
+        ref = decode_sources(model, SOURCES, opts)
+        fast = FastDecoder(model).decode_sources(SOURCES, opts)
         assert hyp_tokens(fast) == hyp_tokens(ref)
         for r, f in zip(ref, fast, strict=True):
             assert [h.score for h in f] == pytest.approx([h.score for h in r], abs=1e-4)
@@ -82,8 +82,8 @@ def test_searches_give_identical_results_on_random_models(opts) -> None:
 def test_sampling_with_the_same_seed_gives_the_same_samples() -> None:
     model = random_model(5)
     opts = DecodeOptions(strategy="sample", n_best=2, max_length=10, temperature=0.8, top_p=0.9)
-    ref = generate(model, SOURCES, opts, generator=torch.Generator().manual_seed(11))
-    fast = FastDecoder(model).generate(SOURCES, opts, generator=torch.Generator().manual_seed(11))
+    ref = decode_sources(model, SOURCES, opts, generator=torch.Generator().manual_seed(11))
+    fast = FastDecoder(model).decode_sources(SOURCES, opts, generator=torch.Generator().manual_seed(11))
     assert hyp_tokens(fast) == hyp_tokens(ref)
 
 
@@ -101,8 +101,8 @@ def trained(tiny_checkpoint):
 ])
 def test_the_trained_tiny_checkpoint_gives_identical_replies(trained, opts) -> None:
     ckpt, sources = trained
-    ref = generate(ckpt.model, sources, opts)
-    fast = FastDecoder(ckpt.model).generate(sources, opts)
+    ref = decode_sources(ckpt.model, sources, opts)
+    fast = FastDecoder(ckpt.model).decode_sources(sources, opts)
     assert hyp_tokens(fast) == hyp_tokens(ref)
     assert any(h.finished for hyps in ref for h in hyps)  # a trained model: replies end by themselves
     run_both(ckpt.model, FastDecoder(ckpt.model), encode_sources(ckpt.model, sources))
@@ -176,7 +176,7 @@ def test_int8_step_stays_close_and_keeps_the_trained_replies(trained) -> None:
     assert (a.exp() - b.exp()).abs().max() < 0.05
     # A few teacher-forced steps along the float model's own greedy replies stay close too.
     opts = DecodeOptions(strategy="greedy", max_length=16)
-    ref = f32.generate(sources, opts)
+    ref = f32.decode_sources(sources, opts)
     rows_a, rows_b = rows, rows_i8
     for t in range(3):
         tokens = torch.tensor([h[0].tokens[t] if len(h[0].tokens) > t else BOS_ID for h in ref])
@@ -184,7 +184,7 @@ def test_int8_step_stays_close_and_keeps_the_trained_replies(trained) -> None:
         b, rows_b = i8.step(tokens, rows_b)
         assert (a.exp() - b.exp()).abs().max() < 0.05
     # This toy model has near ties, so int8 may flip a token here and there, not most replies.
-    quantized = i8.generate(sources, opts)
+    quantized = i8.decode_sources(sources, opts)
     assert all(h[0].finished for h in quantized)
     same = sum(x == y for x, y in zip(hyp_tokens(quantized), hyp_tokens(ref), strict=True))
     assert same >= len(sources) // 2
@@ -197,4 +197,5 @@ def test_torch_ao_quantized_copy_decodes_and_leaves_the_model_alone(trained) -> 
     assert type(q.decoder).__module__.startswith("torch.ao.nn.quantized")
     assert torch.equal(ckpt.model.decoder.weight_hh_l0, weight)
     opts = DecodeOptions(strategy="greedy", max_length=16)
-    assert hyp_tokens(generate(q, sources, opts)) == hyp_tokens(generate(ckpt.model, sources, opts))
+    reference = decode_sources(ckpt.model, sources, opts)
+    assert hyp_tokens(decode_sources(q, sources, opts)) == hyp_tokens(reference)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from app.cli import main
 from model.checkpoint import load_checkpoint
-from model.train_cli import run_training
+from model.runs import run_training
 from tests.conftest import GREETINGS, write_tsv
 
 

@@ -9,7 +9,7 @@ import torch
 
 from model.corpus import Pair, make_pairs, reverse_pairs
 from model.decoding import DecodeOptions, Hypothesis
-from model.inference import generate
+from model.inference import decode_sources
 from model.rerank import RerankItem, last_turn, mmi_score, rerank, reverse_logprobs
 from model.tokenizer import EOS_ID, SEP_ID
 
@@ -93,8 +93,8 @@ def test_reranked_in_a_batch_equals_reranked_alone() -> None:
     sources = [[10, 11, SEP_ID, 12], [13, 14, 15, 16, 17, 18], [19], [20, 21, 22]]
     opts = [MMI, DecodeOptions(strategy="sample", n_best=5, rerank="mmi", mmi_weight=0.3),
             DecodeOptions(strategy="beam", beam_size=3, n_best=3), MMI]
-    found = [generate(model, [s], DecodeOptions(strategy="beam", beam_size=4, n_best=4, rerank="none"))[0]
-             for s in sources]
+    plain = DecodeOptions(strategy="beam", beam_size=4, n_best=4, rerank="none")
+    found = [decode_sources(model, [s], plain)[0] for s in sources]
     items = [RerankItem(s, h, o) for s, h, o in zip(sources, found, opts, strict=True)]
     together = rerank(items, reverse)
     for item, ranked in zip(items, together, strict=True):
@@ -103,11 +103,12 @@ def test_reranked_in_a_batch_equals_reranked_alone() -> None:
         assert [h.score for h in ranked] == pytest.approx([h.score for h in alone], abs=1e-5)
 
 
-def test_generate_with_mmi_uses_the_reverse_model() -> None:
+def test_decode_sources_with_mmi_uses_the_reverse_model() -> None:
     model, reverse = random_model(9), random_model(10)
     src = [[10, 11, 12]]
-    plain = generate(model, src, DecodeOptions(strategy="beam", beam_size=4, n_best=4, rerank="none"))[0]
-    mmi = generate(model, src, MMI, reverse=reverse)[0]
+    opts = DecodeOptions(strategy="beam", beam_size=4, n_best=4, rerank="none")
+    plain = decode_sources(model, src, opts)[0]
+    mmi = decode_sources(model, src, MMI, reverse=reverse)[0]
     assert sorted(map(tuple, (h.tokens for h in mmi))) == sorted(map(tuple, (h.tokens for h in plain)))
     assert mmi == rerank([RerankItem(src[0], plain, MMI)], reverse)[0]
 

@@ -11,7 +11,7 @@ from model.config import ModelConfig
 from model.data import collate
 from model.decoding import DecodeOptions
 from model.evaluation import batch_loss
-from model.inference import generate
+from model.inference import decode_sources
 from model.network import Seq2Seq
 from model.tokenizer import EOS_ID
 
@@ -53,6 +53,6 @@ def _learn_to_reverse() -> None:
         opt.step()
         sched.step()
     test = reverse_examples(200, random.Random(99))
-    hyps = generate(model, [src for src, _ in test], DecodeOptions(strategy="greedy", max_length=12))
+    hyps = decode_sources(model, [src for src, _ in test], DecodeOptions(strategy="greedy", max_length=12))
     exact = sum(h[0].tokens == tgt[:-1] for h, (_, tgt) in zip(hyps, test, strict=True)) / len(test)
     assert exact >= 0.95, f"exact match {exact:.2%}"
