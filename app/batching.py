@@ -9,24 +9,25 @@ live rows of all searches, splits the log-probs per search, advances each, and
 reorders / shrinks the rows with the index each search returns.
 
 Rows keep their own lengths inside a search, so an item gives the same tokens here
-as `model.inference.generate` gives it alone (tests/api/test_batching.py).
+as `model.inference.decode_sources` gives it alone (tests/api/test_batching.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from model.decoding import DecodeOptions, Hypothesis, Search, make_search
-from model.inference import DecoderRows, encode_sources, step_rows
+from model.inference import DecoderRows, RowStepFn, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.tokenizer import EOS_ID, PAD_ID
 
 # The seam for a faster decoder step: tokens (R,), rows -> log-probs (R, V), new rows.
-StepFn = Callable[[Tensor, DecoderRows], tuple[Tensor, DecoderRows]]
+StepFn = RowStepFn
 # ... and for the encoder: token-id sources -> one DecoderRows row per source, in order.
 EncodeFn = Callable[[Sequence[Sequence[int]]], DecoderRows]
 
@@ -37,6 +38,40 @@ def default_step(model: Seq2Seq) -> StepFn:
 
 def default_encode(model: Seq2Seq) -> EncodeFn:
     return lambda sources: encode_sources(model, sources)
+
+
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Waiting(Generic[T]):
+    """Encoded sources waiting to join the batch: items[i]'s row is rows[index[i]]
+    (index None: row i). Picking and splitting touch lists only, so a caller can do
+    them under a lock and gather the rows (`gather_rows`) after it."""
+
+    items: list[T]
+    rows: DecoderRows
+    index: list[int] | None = None
+
+    def _row(self, i: int) -> int:
+        return i if self.index is None else self.index[i]
+
+    def pick(self, positions: list[int]) -> Waiting[T]:
+        """The items at these positions, in order."""
+        if self.index is None and positions == list(range(len(self.items))):
+            return self
+        return Waiting([self.items[i] for i in positions], self.rows, [self._row(i) for i in positions])
+
+    def rest(self, start: int) -> Waiting[T]:
+        """The items from `start` on."""
+        return self.pick(list(range(start, len(self.items))))
+
+
+def gather_rows(groups: Sequence[Waiting[T]]) -> DecoderRows:
+    """The rows of the groups' items, in order, as one DecoderRows."""
+    parts = [g.rows if g.index is None else
+             g.rows.index_select(torch.tensor(g.index, device=g.rows.state[0].device)) for g in groups]
+    return parts[0] if len(parts) == 1 else DecoderRows.concatenate(parts)
 
 
 @dataclass

@@ -9,10 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import CheckpointError
-from model.corpus import CorpusError
-from model.training import TrainingError
-
 log = logging.getLogger("chatbot")
 
 
@@ -66,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from model.train_cli import run_training
+    from model.runs import run_training
 
     overrides: dict[str, dict[str, Any]] = {"train": {
         "max_steps": args.max_steps, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -82,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from model.train_cli import run_eval
+    from model.runs import run_eval
 
     result = run_eval(checkpoint=args.checkpoint, corpus=args.corpus, split=args.split,
                       max_generate=args.max_generate, samples=not args.no_samples,
@@ -93,12 +89,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from model.checkpoint import load_checkpoint, shipped_checkpoint_path
-    from model.decoding import DecodeOptions
     from model.evaluation import reply
+    from model.options import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 
     ckpt = load_checkpoint(args.checkpoint or shipped_checkpoint_path())
     opts = DecodeOptions(strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
-                         no_repeat_ngram_size=3)  # as the server does
+                         no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM_SIZE)  # as the server does
     turns: list[str] = []
     K = ckpt.model.cfg.context_turns
     print(f"chatting with {ckpt.name} ({args.strategy}); an empty line or Ctrl-D ends, /new restarts")
@@ -131,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": _serve, "train": _train, "eval": _eval, "chat": _chat}[args.command]
     try:
         return handler(args)
-    except (CheckpointError, CorpusError, TrainingError, ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError, CorpusError: ValueErrors
+        if isinstance(exc, RuntimeError) and not _is_training_error(exc):
+            raise  # a bug: its traceback
         print(f"chatbot {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _is_training_error(exc: BaseException) -> bool:
+    """Imported only when a command fails: `chatbot serve`'s process never imports torch."""
+    from model.training import TrainingError
+
+    return isinstance(exc, TrainingError)
 
 
 if __name__ == "__main__":

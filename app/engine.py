@@ -24,220 +24,97 @@ on the request's asyncio queue as the step that chose it ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from model.checkpoint import Checkpoint
-from model.decoding import DecodeOptions, Hypothesis
-from model.inference import DecoderRows
+from model.decoding import DecodeOptions
 from model.rerank import RerankItem, rerank
 
-from .batching import BatchItem, EncodeFn, RunningBatch, StepFn, default_encode
-from .errors import DeadlineExceeded, EngineFailure, InvalidRequest, NotReady, Overloaded, ServiceError
+from .batching import BatchItem, EncodeFn, RunningBatch, StepFn, Waiting, default_encode, gather_rows
+from .errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded, ServiceError
+from .jobs import Completion, EngineConfig, JobSink, LoopSink, Ticket
 from .metrics import Metrics
+from .served import ServedModel
 
 log = logging.getLogger("chatbot.engine")
 
-STREAM_END = object()  # end of a token stream
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 128  # decoder rows per step
-    max_queue: int = 512  # requests waiting to be admitted
-    num_threads: int = 0  # torch threads of the decoder thread; 0 leaves torch's default
-    encoder_threads: int = 1  # torch threads of the encoder thread
-    max_encode_batch: int = 32  # sources encoded in one call
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be > 0")
-        if self.max_queue < 1:
-            raise ValueError("max_queue must be > 0")
-        if self.num_threads < 0:
-            raise ValueError("num_threads must be >= 0")
-        if self.encoder_threads < 1 or self.max_encode_batch < 1:
-            raise ValueError("encoder_threads and max_encode_batch must be > 0")
-
-
-@dataclass
-class Completion:
-    hypotheses: list[Hypothesis]  # best first
-    prompt_tokens: int
-    queued_s: float
-    decode_s: float
+def describe(ck: Checkpoint) -> dict[str, Any]:
+    """GET /api/model's account of a checkpoint (its engine adds the device and its settings)."""
+    training = {k: v for k, v in ck.config.items() if k not in ("model", "tokenizer", "format")}
+    return {
+        "name": ck.name, "parameters": ck.model.num_parameters(),
+        "vocab_size": ck.tokenizer.vocab_size, "architecture": {
+            "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
+            **ck.model.cfg.__dict__},
+        "training": training, "metrics": dict(ck.metrics),
+        "reverse": None if ck.reverse is None else {
+            "name": ck.reverse.name, "parameters": ck.reverse.model.num_parameters(),
+            "architecture": dict(ck.reverse.model.cfg.__dict__), "metrics": dict(ck.reverse.metrics),
+            "purpose": "log p(message | reply) for rerank 'mmi'"},
+    }
 
 
 @dataclass(eq=False)
-class _Encoded:
-    jobs: list[_Job]
-    rows: DecoderRows  # one row per job, in order
+class Job:
+    """One request inside the engine. Its sink hears of it exactly once (done or failed);
+    `cancel` may come from any thread."""
 
-
-@dataclass(eq=False)
-class _Job:
     id: int
     source: list[int]
     opts: DecodeOptions
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Completion]
+    sink: JobSink
     deadline: float | None
-    queue: asyncio.Queue[Any] | None = None
+    stream: bool = False
+    engine: ChatEngine | None = None
     submitted: float = field(default_factory=time.monotonic)
-    admitted: float = 0.0
-    cancelled: bool = False  # set from the event loop; read by the worker
+    cancelled: bool = False
+    settled: bool = False
 
     @property
     def rows(self) -> int:
         return self.opts.rows_per_item
 
-
-class Ticket:
-    """The caller's handle on a submitted request: its future (and token queue when
-    streamed), its deadline, and how to call the work off. The engine in another
-    process (app/remote_engine.py) hands out the same handle."""
-
-    def __init__(self, future: asyncio.Future[Completion], *, prompt_tokens: int,
-                 deadline: float | None, on_cancel: Callable[[], None],
-                 queue: asyncio.Queue[Any] | None = None) -> None:
-        self._future = future
-        self._queue = queue
-        self._deadline = deadline
-        self._on_cancel = on_cancel
-        self.prompt_tokens = prompt_tokens
-
-    def _remaining(self) -> float | None:
-        if self._deadline is None:
-            return None
-        return max(self._deadline - time.monotonic(), 0.0)
-
     def cancel(self) -> None:
-        """Drop the request (queued or decoding); safe to call more than once."""
-        future = self._future
-        if not future.done():
-            future.cancel()
-            self._on_cancel()
-        elif not future.cancelled():
-            # The worker failed it (e.g. its deadline) just before the caller gave up on it:
-            # mark the error read, or asyncio logs "Future exception was never retrieved".
-            future.exception()
+        """The caller has gone: the job leaves at the engine's next look, unanswered."""
+        self.cancelled = True
+        if self.engine is not None:
+            self.engine._wake()
 
-    async def result(self) -> Completion:
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._future), self._remaining())
-        except TimeoutError:
-            self.cancel()
-            raise DeadlineExceeded("the request took longer than the server's deadline") from None
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
+    def leaves(self, now: float) -> bool:
+        """Whether the job leaves unserved: cancelled by its caller, or past its deadline (then
+        failed with 504). The one deadline rule, for waiting and decoding jobs alike."""
+        if self.cancelled:
+            return True
+        if self.deadline is not None and now > self.deadline:
+            self.fail(DeadlineExceeded("the request took longer than the server's deadline"))
+            return True
+        return False
 
-    async def tokens(self) -> AsyncIterator[int]:
-        """Token ids as they are decoded (streamed requests); then `result()` holds the rest."""
-        assert self._queue is not None, "submit(stream=True) for tokens()"
-        while True:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), self._remaining())
-            except TimeoutError:
-                self.cancel()
-                raise DeadlineExceeded("the request took longer than the server's deadline") from None
-            except asyncio.CancelledError:
-                self.cancel()
-                raise
-            if item is STREAM_END:
-                return
-            yield item
+    def finish(self, completion: Completion) -> None:
+        if not self.settled:
+            self.settled = True
+            self.sink.done(completion)
+
+    def fail(self, error: ServiceError) -> None:
+        if not self.settled:
+            self.settled = True
+            self.sink.failed(error)
 
 
-class ServedCheckpoint:
-    """What both engines (ChatEngine here, RemoteEngine in app/remote_engine.py) tell of the
-    checkpoint they serve, and its tokenizer both ways: the routes tokenise and decode with it."""
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self.checkpoint = checkpoint
-        self.tokenizer = checkpoint.tokenizer
-
-    @property
-    def name(self) -> str:
-        return self.checkpoint.name
-
-    def encode_turns(self, turns: Sequence[str]) -> list[int]:
-        """The last `context_turns` turns joined by <sep>, left-truncated to max_source_len."""
-        cfg = self.checkpoint.model.cfg
-        return self.tokenizer.encode_context(list(turns)[-cfg.context_turns:], cfg.max_source_len)
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(tokens)
-
-    @property
-    def has_reverse(self) -> bool:
-        return self.checkpoint.reverse is not None
-
-    def check_options(self, opts: DecodeOptions) -> None:
-        """Refuse (422) what this checkpoint cannot do; both engines call it on submit."""
-        if opts.rerank == "mmi" and not self.has_reverse:
-            raise InvalidRequest("rerank 'mmi' needs a reverse model, and this checkpoint has none "
-                                 "(train one with `chatbot train --reverse`)", param="rerank")
-
-    def _describe(self, device: str, engine: dict[str, Any]) -> dict[str, Any]:
-        """GET /api/model: what is loaded and how the engine runs it."""
-        ck = self.checkpoint
-        training = {k: v for k, v in ck.config.items() if k not in ("model", "tokenizer", "format")}
-        return {
-            "name": ck.name, "parameters": ck.model.num_parameters(),
-            "vocab_size": self.tokenizer.vocab_size, "architecture": {
-                "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
-                **ck.model.cfg.__dict__},
-            "training": training, "metrics": dict(ck.metrics), "device": device, "engine": engine,
-            "reverse": None if ck.reverse is None else {
-                "name": ck.reverse.name, "parameters": ck.reverse.model.num_parameters(),
-                "architecture": dict(ck.reverse.model.cfg.__dict__), "metrics": dict(ck.reverse.metrics),
-                "purpose": "log p(message | reply) for rerank 'mmi'"},
-        }
-
-
-class Engine(Protocol):
-    """What the routes and the app's lifespan use: ChatEngine (threads of this process) and
-    RemoteEngine (app/remote_engine.py: a ChatEngine in a model worker process)."""
-
-    metrics: Metrics | None
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def ready(self) -> bool: ...
-    @property
-    def queue_depth(self) -> int: ...
-    @property
-    def active_requests(self) -> int: ...
-    def encode_turns(self, turns: Sequence[str]) -> list[int]: ...
-    def decode(self, tokens: Sequence[int]) -> str: ...
-    @property
-    def has_reverse(self) -> bool: ...
-    def info(self) -> dict[str, Any]: ...
-    async def exposition(self) -> bytes: ...
-    def start(self) -> None: ...
-    async def wait_ready(self, timeout: float = 120.0) -> None: ...
-    async def aclose(self, timeout: float = 30.0) -> None: ...
-    def submit(self, source: list[int], opts: DecodeOptions, *, stream: bool = False,
-               timeout: float | None = None) -> Ticket: ...
-
-
-class ChatEngine(ServedCheckpoint):
+class ChatEngine(ServedModel):
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, *,
                  step: StepFn | None = None, encode: EncodeFn | None = None,
                  metrics: Metrics | None = None) -> None:
-        super().__init__(checkpoint)
+        super().__init__(checkpoint.name, checkpoint.tokenizer, checkpoint.model.cfg, describe(checkpoint))
         self.model = checkpoint.model.eval()
         self.reverse = checkpoint.reverse.model.eval() if checkpoint.reverse is not None else None
         self.config = config or EngineConfig()
@@ -246,9 +123,9 @@ class ChatEngine(ServedCheckpoint):
         self._step = step
         self._encode = encode or default_encode(self.model)
         self._cond = threading.Condition()  # guards everything below that both threads touch
-        self._inbox: deque[_Job] = deque()  # submitted, not encoded yet
+        self._inbox: deque[Job] = deque()  # submitted, not encoded yet
         self._encoding = 0  # jobs the encoder thread is encoding now
-        self._encoded: deque[_Encoded] = deque()  # encoded, waiting to join the batch
+        self._encoded: deque[Waiting[Job]] = deque()  # encoded, waiting to join the batch
         self._encoded_jobs = 0
         self._encoded_rows = 0
         self._ids = itertools.count()
@@ -269,6 +146,10 @@ class ChatEngine(ServedCheckpoint):
                 and self._encoder is not None and self._encoder.is_alive())
 
     @property
+    def accepting(self) -> bool:
+        return self.ready
+
+    @property
     def queue_depth(self) -> int:
         """Requests submitted and not decoding yet (queued, being encoded, or encoded)."""
         return len(self._inbox) + self._encoding + self._encoded_jobs
@@ -277,11 +158,13 @@ class ChatEngine(ServedCheckpoint):
     def active_requests(self) -> int:
         return self._active
 
+    def engine_info(self) -> dict[str, Any]:
+        return {"max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
+                "num_threads": self.config.num_threads or torch.get_num_threads(),
+                "encoder_threads": self.config.encoder_threads}
+
     def info(self) -> dict[str, Any]:
-        return self._describe(str(self.device), {
-            "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
-            "num_threads": self.config.num_threads or torch.get_num_threads(),
-            "encoder_threads": self.config.encoder_threads, "model_process": False})
+        return self._describe(str(self.device), {**self.engine_info(), "model_process": False})
 
     async def exposition(self) -> bytes:
         """Prometheus text kept outside the app's registry: none, this engine records into the
@@ -324,14 +207,19 @@ class ChatEngine(ServedCheckpoint):
     # -- submitting -------------------------------------------------------------------------
     def submit(self, source: list[int], opts: DecodeOptions, *, stream: bool = False,
                timeout: float | None = None) -> Ticket:
-        """Queue a request; raises Overloaded when the queue is full, NotReady before start
-        and while shutting down. Call from the event loop."""
+        """Queue a request, answered on this event loop (call from it)."""
+        sink = LoopSink(asyncio.get_running_loop(), stream=stream)
+        job = self.submit_job(source, opts, sink, stream=stream, timeout=timeout)
+        return Ticket(sink, prompt_tokens=len(job.source), deadline=job.deadline, on_cancel=job.cancel)
+
+    def submit_job(self, source: list[int], opts: DecodeOptions, sink: JobSink, *,
+                   stream: bool = False, timeout: float | None = None) -> Job:
+        """Queue a request reported through `sink` (on the engine's threads). Raises Overloaded
+        when the queue is full, NotReady before start and while shutting down, InvalidRequest
+        for what this checkpoint cannot do."""
         self.check_options(opts)
-        loop = asyncio.get_running_loop()
-        job = _Job(id=next(self._ids), source=list(source), opts=opts, loop=loop,
-                   future=loop.create_future(),
-                   deadline=None if timeout is None else time.monotonic() + timeout,
-                   queue=asyncio.Queue() if stream else None)
+        job = Job(id=next(self._ids), source=list(source), opts=opts, sink=sink, stream=stream,
+                  deadline=None if timeout is None else time.monotonic() + timeout, engine=self)
         with self._cond:
             if self._closing or not self._ready.is_set():
                 raise NotReady("the server is shutting down" if self._closing else
@@ -343,15 +231,9 @@ class ChatEngine(ServedCheckpoint):
                                  "retry later", headers={"Retry-After": "1"})
             self._inbox.append(job)
             self._cond.notify_all()  # the encoder thread waits on this condition, and so does the decoder
-        return Ticket(job.future, prompt_tokens=len(job.source), deadline=job.deadline,
-                      on_cancel=lambda: self._cancel(job), queue=job.queue)
+        return job
 
-    async def generate(self, source: list[int], opts: DecodeOptions, *,
-                       timeout: float | None = None) -> Completion:
-        return await self.submit(source, opts, timeout=timeout).result()
-
-    def _cancel(self, job: _Job) -> None:
-        job.cancelled = True
+    def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
@@ -381,7 +263,7 @@ class ChatEngine(ServedCheckpoint):
         log.info("engine ready: %s on %s, %d decoder + %d encoder threads, batch %d rows, queue %d",
                  self.name, self.device, torch.get_num_threads(), self.config.encoder_threads,
                  self.config.max_batch_size, self.config.max_queue)
-        jobs: dict[int, _Job] = {}
+        jobs: dict[int, Job] = {}
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -396,10 +278,10 @@ class ChatEngine(ServedCheckpoint):
                 try:
                     self._iterate(batch, jobs, admitted)
                 except Exception:  # a failing step fails its batch, not the server
-                    failing = [*jobs.values(), *(j for e in admitted for j in e.jobs)]
+                    failing = [*jobs.values(), *(j for w in admitted for j in w.items)]
                     log.exception("decoder step failed; failing %d requests", len(failing))
                     for job in failing:
-                        self._fail(job, EngineFailure("the model failed on this batch"))
+                        job.fail(EngineFailure("the model failed on this batch"))
                     jobs.clear()
                     batch = self._new_batch(generator)
                 self._active = len(jobs)
@@ -407,12 +289,12 @@ class ChatEngine(ServedCheckpoint):
         with self._cond:
             self._abort = True  # the encoder thread stops too
             self._cond.notify_all()
-            left = [*jobs.values(), *self._inbox, *(j for e in self._encoded for j in e.jobs)]
+            left = [*jobs.values(), *self._inbox, *(j for w in self._encoded for j in w.items)]
             self._inbox.clear()
             self._encoded.clear()
             self._encoded_jobs = self._encoded_rows = 0
         for job in left:
-            self._fail(job, NotReady("the server is shutting down"))
+            job.fail(NotReady("the server is shutting down"))
         self._active = 0
         if self._encoder is not None:
             self._encoder.join(10.0)
@@ -430,59 +312,48 @@ class ChatEngine(ServedCheckpoint):
         while len(batch):
             batch.step()
 
-    def _take_encoded(self, rows: int) -> list[_Encoded]:
-        """Pop encoded jobs while their rows fit next to `rows` live ones (lock held).
-        Cancelled jobs are dropped, expired ones failed, on the way."""
-        taken: list[_Encoded] = []
+    def _take_encoded(self, rows: int) -> list[Waiting[Job]]:
+        """Pop encoded jobs while their rows fit next to `rows` live ones (lock held; lists only,
+        the rows are gathered outside the lock). Jobs that leave (Job.leaves) go on the way."""
+        taken: list[Waiting[Job]] = []
         now = time.monotonic()
         while self._encoded:
             group = self._encoded[0]
             picked: list[int] = []
-            full = False
-            for i, job in enumerate(group.jobs):
+            used = len(group.items)
+            for i, job in enumerate(group.items):
                 if rows and rows + job.rows > self.config.max_batch_size:
-                    full = True
+                    used = i
                     break
                 self._encoded_jobs -= 1
                 self._encoded_rows -= job.rows
-                if self._dropped(job, now):
-                    continue
-                picked.append(i)
-                rows += job.rows
-            used = i if full else len(group.jobs)
+                if not job.leaves(now):
+                    picked.append(i)
+                    rows += job.rows
             if picked:
-                index = torch.tensor(picked, device=self.device)
-                taken.append(_Encoded([group.jobs[i] for i in picked],
-                                      group.rows if len(picked) == len(group.jobs)
-                                      else group.rows.index_select(index)))
-            if not full:
+                taken.append(group.pick(picked))
+            if used == len(group.items):
                 self._encoded.popleft()
                 continue
-            rest = torch.arange(used, len(group.jobs), device=self.device)
-            self._encoded[0] = _Encoded(group.jobs[used:], group.rows.index_select(rest))
+            self._encoded[0] = group.rest(used)
             break
         return taken
 
-    def _iterate(self, batch: RunningBatch, jobs: dict[int, _Job], admitted: list[_Encoded]) -> None:
+    def _iterate(self, batch: RunningBatch, jobs: dict[int, Job], admitted: list[Waiting[Job]]) -> None:
         now = time.monotonic()
-        gone = {j.id for j in jobs.values()
-                if j.cancelled or (j.deadline is not None and now > j.deadline)}
+        gone = {job.id for job in jobs.values() if job.leaves(now)}
         if gone:
             batch.drop(gone)
-            for i in gone:
-                job = jobs.pop(i)
-                self._fail(job, DeadlineExceeded("the request took longer than the server's deadline"))
+            for job_id in gone:
+                del jobs[job_id]
         if admitted:
-            joining = [j for e in admitted for j in e.jobs]
+            joining = [j for w in admitted for j in w.items]
             for job in joining:
-                job.admitted = now
                 jobs[job.id] = job
                 if self.metrics:
                     self.metrics.queue_wait.observe(now - job.submitted)
-            rows = admitted[0].rows if len(admitted) == 1 else \
-                DecoderRows.concatenate([e.rows for e in admitted])
-            batch.join([BatchItem(id=j.id, source=j.source, opts=j.opts, stream=j.queue is not None)
-                        for j in joining], rows)
+            batch.join([BatchItem(id=j.id, source=j.source, opts=j.opts, stream=j.stream)
+                        for j in joining], gather_rows(admitted))
         if not len(batch):
             return
         start = time.perf_counter()
@@ -491,23 +362,18 @@ class ChatEngine(ServedCheckpoint):
             self.metrics.step_time.observe(time.perf_counter() - start)
             self.metrics.batch_rows.observe(out.rows)
             self.metrics.batch_requests.observe(out.items)
-        for item_id, tok in out.tokens:
-            job = jobs[item_id]  # type: ignore[index]
-            assert job.queue is not None
-            self._call(job, job.queue.put_nowait, tok)
+        for job_id, tok in out.tokens:
+            jobs[job_id].sink.token(tok)  # type: ignore[index]
         if not out.finished:
             return
-        finished = [jobs.pop(item_id) for item_id, _ in out.finished]  # type: ignore[arg-type]
+        finished = [jobs.pop(job_id) for job_id, _ in out.finished]  # type: ignore[arg-type]
         # one reverse-model pass for every candidate of every request this step finished
         ranked = rerank([RerankItem(job.source, hyps, job.opts)
                          for job, (_, hyps) in zip(finished, out.finished, strict=True)], self.reverse)
         for job, hyps in zip(finished, ranked, strict=True):
-            done = time.monotonic()
             if self.metrics:
                 self.metrics.tokens.inc(sum(len(h.tokens) for h in hyps))
-            self._resolve(job, Completion(hypotheses=hyps, prompt_tokens=len(job.source),
-                                          queued_s=job.admitted - job.submitted,
-                                          decode_s=done - job.admitted))
+            job.finish(Completion(hypotheses=hyps, prompt_tokens=len(job.source)))
 
     # -- the encoder thread ------------------------------------------------------------------
     def _start_encoder(self) -> None:
@@ -555,36 +421,26 @@ class ChatEngine(ServedCheckpoint):
                 except Exception:
                     log.exception("encoder failed; failing %d requests", len(taken))
                     for job in taken:
-                        self._fail(job, EngineFailure("the model failed to encode this request"))
+                        job.fail(EngineFailure("the model failed to encode this request"))
             with self._cond:
                 if rows is not None and self._abort:  # the decoder has gone: nobody takes them
                     for job in taken:
-                        self._fail(job, NotReady("the server is shutting down"))
+                        job.fail(NotReady("the server is shutting down"))
                 elif rows is not None:
-                    self._encoded.append(_Encoded(taken, rows))
+                    self._encoded.append(Waiting(taken, rows))
                     self._encoded_jobs += len(taken)
                     self._encoded_rows += sum(j.rows for j in taken)
                 self._encoding = 0
                 self._cond.notify_all()
 
-    def _dropped(self, job: _Job, now: float) -> bool:
-        """Whether a waiting job leaves unserved: cancelled by its caller, or past its deadline
-        (then failed with 504). Called with the lock held, by either thread."""
-        if job.cancelled:
-            return True
-        if job.deadline is not None and now > job.deadline:
-            self._fail(job, DeadlineExceeded("the request waited past the server's deadline"))
-            return True
-        return False
-
-    def _take_queued(self, room: int) -> list[_Job]:
+    def _take_queued(self, room: int) -> list[Job]:
         """Pop queued jobs to encode, up to `room` rows and `max_encode_batch` jobs (lock held)."""
-        taken: list[_Job] = []
+        taken: list[Job] = []
         rows = 0
         now = time.monotonic()
         while self._inbox and len(taken) < self.config.max_encode_batch:
             job = self._inbox[0]
-            if self._dropped(job, now):
+            if job.leaves(now):
                 self._inbox.popleft()
                 continue
             if taken and rows + job.rows > room:
@@ -592,26 +448,3 @@ class ChatEngine(ServedCheckpoint):
             taken.append(self._inbox.popleft())
             rows += job.rows
         return taken
-
-    # -- handing results to the event loop --------------------------------------------------------
-    @staticmethod
-    def _call(job: _Job, fn: Any, *args: Any) -> None:
-        # RuntimeError: the loop is closed, nobody waits for this job any more
-        with contextlib.suppress(RuntimeError):
-            job.loop.call_soon_threadsafe(fn, *args)
-
-    def _resolve(self, job: _Job, result: Completion) -> None:
-        def deliver() -> None:
-            if not job.future.done():
-                job.future.set_result(result)
-            if job.queue is not None:
-                job.queue.put_nowait(STREAM_END)
-        self._call(job, deliver)
-
-    def _fail(self, job: _Job, error: ServiceError) -> None:
-        def deliver() -> None:
-            if not job.future.done():
-                job.future.set_exception(error)
-            if job.queue is not None:
-                job.queue.put_nowait(STREAM_END)
-        self._call(job, deliver)

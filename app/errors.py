@@ -8,6 +8,7 @@ show the message. A response never carries a stack trace.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from .schemas import ErrorDetail, ErrorResponse, FieldError
 
@@ -95,12 +97,29 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": STATUS_TEXT[s]} for s in statuses}
 
 
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None,
+               details: list[FieldError] | None = None) -> dict[str, Any]:
+    """The one error shape: `{"error": {"message", "type", "param", "code"}}`."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code,
+                                           details=details)).model_dump(exclude_none=True)
+
+
 def error_json(status: int, message: str, type_: str, *, param: str | None = None,
                code: str | None = None, details: list[FieldError] | None = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code,
-                                           details=details))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, param=param, code=code, details=details),
+                        status_code=status, headers=headers)
+
+
+async def send_error(send: Send, status: int, message: str, type_: str, code: str,
+                     headers: dict[str, str]) -> None:
+    """The same error from an ASGI middleware, before any route runs."""
+    payload = json.dumps(error_body(message, type_, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                            *((k.lower().encode(), v.encode()) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def status_of(exc: ServiceError) -> tuple[int, str]:

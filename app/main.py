@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .engine import ChatEngine, Engine, EngineConfig
 from .errors import error_responses, install_error_handlers
+from .factory import build_engine
+from .jobs import Engine
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import BodyLimitMiddleware
 from .ratelimit import RateLimiter, RateLimitMiddleware, document_rate_limit
@@ -24,54 +25,20 @@ from .settings import Settings
 log = logging.getLogger("chatbot.app")
 
 
-def engine_config(settings: Settings) -> EngineConfig:
-    return EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                        num_threads=settings.threads(), encoder_threads=settings.encoder_threads,
-                        seed=settings.seed)
-
-
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
-    """Load the checkpoint (slow: call off the event loop) and wrap it in an engine: in a model
-    worker process of its own (CHATBOT_MODEL_PROCESS, the default; this process keeps the
-    tokenizer and the model's description) or on threads of this process. A missing or broken
-    checkpoint raises CheckpointError here, before anything starts."""
-    from model.checkpoint import load_checkpoint
-
-    if settings.model_process:
-        from .remote_engine import RemoteEngine
-
-        return RemoteEngine(load_checkpoint(settings.checkpoint_path(), device="cpu"), settings,
-                            metrics=metrics)
-    return build_local_engine(settings, metrics)
-
-
-def build_local_engine(settings: Settings, metrics: Metrics | None = None) -> ChatEngine:
-    """The engine on threads of this process (the model worker process builds its own so)."""
-    from model.checkpoint import load_checkpoint
-    from model.fastpath import FastDecoder
-
-    checkpoint = load_checkpoint(settings.checkpoint_path(), device=settings.resolved_device())
-    if not settings.fast_decoder and settings.quantize == "none":
-        return ChatEngine(checkpoint, engine_config(settings), metrics=metrics)
-    fast = FastDecoder(checkpoint.model, quantize=None if settings.quantize == "none" else settings.quantize)
-    return ChatEngine(checkpoint, engine_config(settings), step=fast.step, encode=fast.encode,
-                      metrics=metrics)
-
-
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings or Settings()
     if engine is not None and engine.metrics is not None:
         metrics = engine.metrics
     else:  # a ChatEngine given without metrics records into the app's; a model worker has its own
         metrics = Metrics(engine=engine is not None or not settings.model_process)
+        if engine is not None:  # before it starts (`chatbot serve` starts it before the app)
+            engine.metrics = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = engine
         if served is None:
             served = await asyncio.to_thread(build_engine, settings, metrics)
-        elif served.metrics is None:
-            served.metrics = metrics
         served.start()
         await served.wait_ready()
         app.state.engine = served

@@ -10,24 +10,16 @@ the routes can still hear the client disconnect.
 
 from __future__ import annotations
 
-import json
-
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .schemas import ErrorDetail, ErrorResponse
+from . import errors
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 async def send_error(send: Send, status: int, message: str, code: str) -> None:
-    body = ErrorResponse(error=ErrorDetail(message=message, type="invalid_request_error", code=code))
-    payload = json.dumps(body.model_dump(exclude_none=True)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})
+    await errors.send_error(send, status, message, "invalid_request_error", code, {"Connection": "close"})
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -3,8 +3,8 @@
 `chatbot serve` runs the model here and HTTP in the parent process (app/remote_engine.py):
 the event loop, uvicorn, FastAPI and pydantic then never hold the GIL that the decoder
 thread needs between its torch calls, nor slow its steps. The worker's own event loop
-only moves small frames: it submits each request to the engine and writes back its
-tokens, its completion or its error.
+only moves small frames: it submits each request to the engine with a sink that posts
+the request's tokens, its completion or its error back to this loop, the one writer.
 
 The worker ignores SIGINT and SIGTERM (Ctrl-C and `docker stop` reach the whole process
 group): the parent decides when it stops, by sending "close" after its own graceful
@@ -24,18 +24,21 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from model.checkpoint_meta import CheckpointError
+
 from . import wire
-from .engine import ChatEngine, Ticket
-from .errors import EngineFailure, ServiceError
+from .engine import ChatEngine, Job
+from .errors import ServiceError
+from .factory import ModelSpec, load_engine
+from .jobs import Completion
 from .metrics import Metrics
-from .settings import Settings
 
 log = logging.getLogger("chatbot.worker")
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m app.model_worker FD`: FD is this end of the socket pair; the first frame on it
-    carries the Settings."""
+    carries the ModelSpec."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd = int((argv if argv is not None else sys.argv[1:])[0])
@@ -46,43 +49,70 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _connect(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_connection(sock=sock)
-    settings = await wire.read(reader)
-    if not isinstance(settings, Settings):
-        raise SystemExit("app.model_worker: the first frame must be the Settings")
-    logging.basicConfig(level=settings.log_level.upper(),
+    spec = await wire.read(reader)
+    if not isinstance(spec, ModelSpec):
+        raise SystemExit("app.model_worker: the first frame must be the ModelSpec")
+    logging.basicConfig(level=spec.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    await _Worker(settings, writer).serve(reader)
+    await _Worker(spec, writer).serve(reader)
+
+
+class _FrameSink:
+    """A job's reports as frames to the HTTP process (called on the engine's threads)."""
+
+    def __init__(self, worker: _Worker, rid: int) -> None:
+        self.worker = worker
+        self.rid = rid
+
+    def token(self, token: int) -> None:
+        self.worker.post(("token", self.rid, token))
+
+    def done(self, completion: Completion) -> None:
+        completion.hypotheses = wire.plain_hypotheses(completion.hypotheses)
+        self.worker.post(("done", self.rid, completion))
+
+    def failed(self, error: ServiceError) -> None:
+        self.worker.post(wire.error_message(self.rid, error))
 
 
 class _Worker:
-    def __init__(self, settings: Settings, writer: asyncio.StreamWriter) -> None:
-        self.settings = settings
+    def __init__(self, spec: ModelSpec, writer: asyncio.StreamWriter) -> None:
+        self.spec = spec
         self.writer = writer
+        self.loop = asyncio.get_running_loop()
         self.metrics = Metrics(http=False)
         self.engine: ChatEngine | None = None
-        self.tickets: dict[int, Ticket] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.jobs: dict[int, Job] = {}  # by the HTTP process's request id, until settled
 
     def send(self, message: tuple[Any, ...]) -> None:
+        """Write a frame (on this loop), with the engine's queue depth and active requests."""
+        if message[0] in ("done", "error"):
+            self.jobs.pop(message[1], None)
         engine = self.engine
         stats = (engine.queue_depth, engine.active_requests) if engine is not None else (0, 0)
         if not self.writer.is_closing():
             self.writer.write(wire.frame((*stats, message)))
 
-    async def serve(self, reader: asyncio.StreamReader) -> None:
-        from .main import build_local_engine
+    def post(self, message: tuple[Any, ...]) -> None:
+        """`send` from any thread: the one writer is this loop."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody reads any more
+            self.loop.call_soon_threadsafe(self.send, message)
 
+    async def serve(self, reader: asyncio.StreamReader) -> None:
         try:
-            engine = await asyncio.to_thread(build_local_engine, self.settings, self.metrics)
+            engine = await asyncio.to_thread(load_engine, self.spec, self.metrics)
             engine.start()
             await engine.wait_ready()
         except BaseException as exc:  # reported to the parent, which stops serving
-            log.exception("the model worker failed to start")
+            if isinstance(exc, CheckpointError):  # said in full by the message: no traceback
+                log.error("cannot load the checkpoint: %s", exc)
+            else:
+                log.exception("the model worker failed to start")
             self.send(("failed", str(exc) or type(exc).__name__))
             await self.writer.drain()
             return
         self.engine = engine  # its start() registered the queue and active-request gauges
-        self.send(("ready", os.getpid()))
+        self.send(("ready", os.getpid(), engine.description, str(engine.device), engine.engine_info()))
         close_timeout: float | None = None
         while True:
             try:
@@ -96,52 +126,29 @@ class _Worker:
                 break
             self.handle(message)
         await engine.aclose(timeout=close_timeout)
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=5)
+        await asyncio.sleep(0)  # the frames the engine posted while closing go out first
         self.send(("closed",))
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
 
     def handle(self, message: tuple[Any, ...]) -> None:
+        assert self.engine is not None
         kind = message[0]
         if kind == "submit":
-            task = asyncio.get_running_loop().create_task(self.run(*message[1:]))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            rid, source, opts, stream, timeout = message[1:]
+            try:
+                self.jobs[rid] = self.engine.submit_job(source, opts, _FrameSink(self, rid),
+                                                        stream=stream, timeout=timeout)
+            except ServiceError as exc:
+                self.send(wire.error_message(rid, exc))
         elif kind == "cancel":
-            ticket = self.tickets.get(message[1])
-            if ticket is not None:
-                ticket.cancel()
+            job = self.jobs.pop(message[1], None)
+            if job is not None:
+                job.cancel()
         elif kind == "metrics":
             self.send(("metrics", message[1], generate_latest(self.metrics.registry)))
         else:
             log.error("unknown message %r", kind)
-
-    async def run(self, rid: int, source: list[int], opts: Any, stream: bool,
-                  timeout: float | None) -> None:
-        assert self.engine is not None
-        try:
-            ticket = self.engine.submit(source, opts, stream=stream, timeout=timeout)
-        except ServiceError as exc:
-            self.send(wire.error_message(rid, exc))
-            return
-        self.tickets[rid] = ticket
-        try:
-            if stream:
-                async for token in ticket.tokens():
-                    self.send(("token", rid, token))
-            completion = await ticket.result()
-            completion.hypotheses = wire.plain_hypotheses(completion.hypotheses)
-            self.send(("done", rid, completion))
-        except asyncio.CancelledError:  # the HTTP side cancelled it: nobody waits for an answer
-            pass
-        except ServiceError as exc:
-            self.send(wire.error_message(rid, exc))
-        except Exception:  # logged here; the client gets a plain 500 without the details
-            log.exception("request %d failed", rid)
-            self.send(wire.error_message(rid, EngineFailure("the model failed on this request")))
-        finally:
-            self.tickets.pop(rid, None)
 
 
 if __name__ == "__main__":

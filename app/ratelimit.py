@@ -20,7 +20,6 @@ client is forgotten, which can only give that client a fresh bucket.
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import threading
 import time
@@ -33,7 +32,7 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .schemas import ErrorDetail, ErrorResponse
+from .errors import send_error
 
 LIMITED_PREFIXES = ("/api/", "/v1/")
 
@@ -120,16 +119,8 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         retry = max(1, math.ceil(wait))
-        body = ErrorResponse(error=ErrorDetail(
-            message=f"rate limit exceeded ({self.limiter.per_minute} requests a minute); "
-                    f"retry in {retry} s",
-            type="rate_limit_error", code="rate_limited"))
-        payload = json.dumps(body.model_dump(exclude_none=True)).encode()
-        await send({"type": "http.response.start", "status": 429,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()),
-                                (b"retry-after", str(retry).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        message = f"rate limit exceeded ({self.limiter.per_minute} requests a minute); retry in {retry} s"
+        await send_error(send, 429, message, "rate_limit_error", "rate_limited", {"Retry-After": str(retry)})
 
 
 RATE_LIMITED = {"description": "Too many requests from this client (CHATBOT_RATE_LIMIT_PER_MINUTE), "

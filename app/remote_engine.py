@@ -1,18 +1,23 @@
 """RemoteEngine: the engine in a model worker process, seen from the HTTP process.
 
 `chatbot serve` runs the model in a child process (app/model_worker.py) and HTTP here:
-on a 2-core machine this answers 32 concurrent clients with about a quarter more
-requests/s than the same engine on threads of the HTTP process, whose event loop,
-uvicorn, FastAPI and pydantic share the GIL with the decoder thread
-(docs/PERFORMANCE.md). The routes see the same surface as ChatEngine (app/engine.py,
-`Engine`): this process keeps the tokenizer (requests are tokenised and replies
-decoded here) and hands token ids to the worker over a socket pair (app/wire.py).
+the event loop, uvicorn, FastAPI and pydantic then do not share a GIL with the decoder
+thread (docs/PERFORMANCE.md). The routes see the same surface as ChatEngine
+(app/jobs.py, `Engine`). This process holds no weights and never imports torch: it
+reads the checkpoint's config.json and tokenizer.json (requests are tokenised and
+replies decoded here), tells the worker only a ModelSpec (app/factory.py; the API key
+stays here) and hands it token ids over a socket pair (app/wire.py). The worker
+describes the model (/api/model) when it is ready.
 
-The worker is supervised: if it dies (killed, out of memory), the requests it held
-fail with 503, /ready answers 503, and a new worker starts (after 1 s, doubling up
-to 30 s while it keeps dying young). On shutdown the worker finishes what is queued
-and decoding, then exits; if this process dies, the worker sees its socket close
-and exits too.
+The worker is supervised. If it dies (killed, out of memory), a new one starts (after
+1 s, doubling up to 30 s while it keeps dying young) and no request is lost on the
+way: generating a reply has no side effects, so each request the dead worker held is
+sent again, once, to the new one, and requests that arrive meanwhile wait for it, all
+within their deadlines. What cannot be answered in time (its deadline passes before a
+worker is ready, or it dies with a second worker) fails with 503 and Retry-After; so
+does a streamed reply whose first tokens have gone out already. /ready answers 503
+while no worker runs. On shutdown the worker finishes what is queued and decoding,
+then exits; if this process dies, the worker sees its socket close and exits too.
 """
 
 from __future__ import annotations
@@ -30,44 +35,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import Checkpoint
-from model.decoding import DecodeOptions
+from model.checkpoint_meta import read_meta
+from model.options import DecodeOptions
 
 from . import wire
-from .engine import STREAM_END, Completion, ServedCheckpoint, Ticket
 from .errors import NotReady, Overloaded
+from .factory import ModelSpec
+from .jobs import LoopSink, Ticket
 from .metrics import Metrics
-from .settings import Settings
+from .served import ServedModel
 
 log = logging.getLogger("chatbot.remote")
 
-DEADLINE_GRACE_S = 5.0  # the worker enforces deadlines; this side gives up this much later
+# The worker fails a request past its deadline between two steps, and this side one that waits
+# for a restarted worker; the ticket gives up this much later in any case (a stuck worker).
+DEADLINE_GRACE_S = 0.25
 RESTART_DELAY_S = (1.0, 30.0)  # first and longest wait before restarting a dead worker
 YOUNG_S = 60.0  # a worker that dies younger than this doubles the next wait
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 @dataclass(eq=False)
 class _Pending:
-    future: asyncio.Future[Completion]
-    queue: asyncio.Queue[Any] | None
+    sink: LoopSink
+    source: list[int]
+    opts: DecodeOptions
+    stream: bool
+    deadline: float | None  # the request's own (time.monotonic)
+    sent: bool = False  # to the worker that runs now
+    resent: bool = False  # sent to a second worker after the first died with it
+    streamed: bool = False  # tokens have gone to the client
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
 
 
-class RemoteEngine(ServedCheckpoint):
-    def __init__(self, checkpoint: Checkpoint, settings: Settings, *,
+class RemoteEngine(ServedModel):
+    def __init__(self, spec: ModelSpec, *, request_timeout_s: float | None = None,
                  metrics: Metrics | None = None) -> None:
-        super().__init__(checkpoint)
-        self.settings = settings
+        meta = read_meta(spec.checkpoint)  # CheckpointError here, before anything starts
+        super().__init__(meta.name, meta.tokenizer, meta.cfg)
+        self.spec = spec
         self.metrics = metrics or Metrics(engine=False)  # the worker records the engine's own
-        self._device = settings.resolved_device()
         self._ids = itertools.count()
         self._pending: dict[int, _Pending] = {}
         # The worker refuses what its queue cannot hold (429); this bounds what waits here if
-        # it stops reading.
-        self._max_pending = settings.max_queue + settings.max_batch_size
+        # it stops reading or while it restarts.
+        self._max_pending = spec.engine.max_queue + spec.engine.max_batch_size
         self._scrapes: dict[int, asyncio.Future[bytes]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._worker_pid: int | None = None
+        self._device = spec.device
+        self._engine_info: dict[str, Any] = {}
         self._ready = False
         self._closing = False
         self._queue_depth = 0
@@ -84,24 +104,34 @@ class RemoteEngine(ServedCheckpoint):
         return self._ready and not self._closing
 
     @property
+    def accepting(self) -> bool:
+        """Ready, or restarting a worker that was: requests then wait for the next one."""
+        return (not self._closing and self._started is not None and self._started.is_set()
+                and self._startup_error is None)
+
+    @property
     def queue_depth(self) -> int:
-        """As the worker last reported it (it reports with every message it sends)."""
-        return self._queue_depth
+        """As the worker last reported it (it reports with every message it sends), plus what
+        waits here for a worker."""
+        return self._queue_depth + sum(not p.sent for p in self._pending.values())
 
     @property
     def active_requests(self) -> int:
         return self._active
 
     @property
+    def startup_error(self) -> str | None:
+        """Why the first worker could not start (e.g. a checkpoint whose weights do not load)."""
+        return self._startup_error
+
+    @property
     def worker_pid(self) -> int | None:
         return self._worker_pid
 
     def info(self) -> dict[str, Any]:
-        s = self.settings
         return self._describe(self._device, {
-            "max_batch_size": s.max_batch_size, "max_queue": s.max_queue,
-            "num_threads": s.threads(), "encoder_threads": s.encoder_threads,
-            "model_process": True, "worker_pid": self._worker_pid, "worker_restarts": self.restarts})
+            **self._engine_info, "model_process": True, "worker_pid": self._worker_pid,
+            "worker_restarts": self.restarts})
 
     async def exposition(self) -> bytes:
         """The worker's Prometheus text (empty while no worker runs)."""
@@ -122,26 +152,51 @@ class RemoteEngine(ServedCheckpoint):
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, source: list[int], opts: DecodeOptions, *, stream: bool = False,
                timeout: float | None = None) -> Ticket:
-        """Send a request to the worker. NotReady while no worker runs and while shutting down;
-        the worker's refusals (a full queue: Overloaded) come back through the ticket."""
-        if not self.ready:
+        """Send a request to the worker, or keep it until a restarted worker is ready. NotReady
+        before the first worker is ready and while shutting down; the worker's refusals (a full
+        queue: Overloaded) come back through the ticket."""
+        if not self.accepting:
             raise NotReady("the server is shutting down" if self._closing else
-                           "the model is not loaded yet", headers={"Retry-After": "1"})
+                           "the model is not loaded yet", headers=RETRY_AFTER)
         self.check_options(opts)
         if len(self._pending) >= self._max_pending:  # the worker is not keeping up, or stuck
             raise Overloaded(f"{len(self._pending)} requests are waiting for the model; retry later",
-                             headers={"Retry-After": "1"})
+                             headers=RETRY_AFTER)
         loop = asyncio.get_running_loop()
         rid = next(self._ids)
-        pending = _Pending(loop.create_future(), asyncio.Queue() if stream else None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = _Pending(LoopSink(loop, stream=stream), list(source), opts, stream, deadline)
         self._pending[rid] = pending
-        self._send(("submit", rid, list(source), opts, stream, timeout))
-        deadline = None if timeout is None else time.monotonic() + timeout + DEADLINE_GRACE_S
-        return Ticket(pending.future, prompt_tokens=len(source), deadline=deadline,
-                      on_cancel=lambda: self._cancel(rid), queue=pending.queue)
+        if self._ready:
+            self._submit(rid, pending)
+        else:
+            self._wait_for_worker(rid, pending)
+        return Ticket(pending.sink, prompt_tokens=len(source), on_cancel=lambda: self._cancel(rid),
+                      deadline=None if deadline is None else deadline + DEADLINE_GRACE_S)
+
+    def _submit(self, rid: int, pending: _Pending) -> None:
+        left = pending.remaining()
+        pending.sent = True
+        self._send(("submit", rid, pending.source, pending.opts, pending.stream,
+                    None if left is None else max(left, 0.001)))
+
+    def _wait_for_worker(self, rid: int, pending: _Pending) -> None:
+        """Keep a request until a worker is ready; 503 if its deadline comes first."""
+        pending.sent = False
+        left = pending.remaining()
+        if left is not None:
+            asyncio.get_running_loop().call_later(max(left, 0.0), self._expire_unsent, rid)
+
+    def _expire_unsent(self, rid: int) -> None:
+        pending = self._pending.get(rid)
+        if pending is not None and not pending.sent:
+            self._settle(rid, error=NotReady("the model process stopped and is being restarted; "
+                                             "no worker was ready within the request's deadline",
+                                             headers=RETRY_AFTER))
 
     def _cancel(self, rid: int) -> None:
-        if self._pending.pop(rid, None) is not None:
+        pending = self._pending.pop(rid, None)
+        if pending is not None and pending.sent:
             self._send(("cancel", rid))
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -198,7 +253,7 @@ class RemoteEngine(ServedCheckpoint):
                 self._startup_error = self._startup_error or f"the model worker exited ({code})"
                 self._started.set()
                 return
-            self._fail_all("the model process stopped; it is being restarted")
+            self._hold_for_next_worker()
             if time.monotonic() - began >= YOUNG_S:
                 delay = RESTART_DELAY_S[0]
             log.error("the model worker exited (%s); restarting it in %.0f s", code, delay)
@@ -209,6 +264,22 @@ class RemoteEngine(ServedCheckpoint):
             delay = min(delay * 2, RESTART_DELAY_S[1])
             if self._closing:
                 return
+
+    def _hold_for_next_worker(self) -> None:
+        """The worker died with these requests: each goes to the next worker once, unless its
+        tokens have been streamed already or it has been sent again before."""
+        for rid, pending in list(self._pending.items()):
+            if not pending.sent:
+                continue
+            if pending.resent or pending.streamed:
+                self._settle(rid, error=NotReady("the model process stopped; it is being restarted",
+                                                 headers=RETRY_AFTER))
+            else:
+                pending.resent = True
+                self._wait_for_worker(rid, pending)
+        for scrape in self._scrapes.values():
+            if not scrape.done():
+                scrape.set_result(b"")
 
     async def _run_worker(self) -> int | None:
         """Spawn a worker and relay its messages until it goes; its exit status."""
@@ -223,7 +294,7 @@ class RemoteEngine(ServedCheckpoint):
             theirs.close()
         self._process = process
         reader, writer = await asyncio.open_connection(sock=ours)
-        writer.write(wire.frame(self.settings))
+        writer.write(wire.frame(self.spec))
         self._writer = writer
         try:
             while True:
@@ -248,8 +319,9 @@ class RemoteEngine(ServedCheckpoint):
         kind = message[0]
         if kind == "token":
             pending = self._pending.get(message[1])
-            if pending is not None and pending.queue is not None:
-                pending.queue.put_nowait(message[2])
+            if pending is not None and pending.sink.queue is not None:
+                pending.streamed = True
+                pending.sink.queue.put_nowait(message[2])
         elif kind == "done":
             self._settle(message[1], result=message[2])
         elif kind == "error":
@@ -259,33 +331,30 @@ class RemoteEngine(ServedCheckpoint):
             if scrape is not None and not scrape.done():
                 scrape.set_result(message[2])
         elif kind == "ready":
-            self._worker_pid = message[1]
+            self._worker_pid, self.description, self._device, self._engine_info = message[1:]
             self._ready = True
             log.info("model worker %d ready", self._worker_pid)
+            for rid, pending in list(self._pending.items()):  # those that waited for it
+                if not pending.sent:
+                    self._submit(rid, pending)
             assert self._started is not None
             self._started.set()
         elif kind == "failed":
             log.error("the model worker failed to start: %s", message[1])
-            self._startup_error = message[1]
+            assert self._started is not None
+            if not self._started.is_set():  # a restarted worker's failure: the supervisor retries
+                self._startup_error = message[1]
         elif kind != "closed":
             log.error("unknown message from the model worker: %r", kind)
 
-    def _settle(self, rid: int, *, result: Completion | None = None,
-                error: BaseException | None = None) -> None:
+    def _settle(self, rid: int, *, result: Any = None, error: BaseException | None = None) -> None:
         pending = self._pending.pop(rid, None)
-        if pending is None:  # cancelled here meanwhile
-            return
-        if not pending.future.done():
-            if error is not None:
-                pending.future.set_exception(error)
-            else:
-                pending.future.set_result(result)  # type: ignore[arg-type]
-        if pending.queue is not None:
-            pending.queue.put_nowait(STREAM_END)
+        if pending is not None:  # else cancelled here meanwhile
+            pending.sink.settle(result, error)
 
     def _fail_all(self, why: str) -> None:
         for rid in list(self._pending):
-            self._settle(rid, error=NotReady(why, headers={"Retry-After": "1"}))
+            self._settle(rid, error=NotReady(why, headers=RETRY_AFTER))
         for scrape in self._scrapes.values():
             if not scrape.done():
                 scrape.set_result(b"")

@@ -16,11 +16,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-STRATEGIES = ("greedy", "beam", "sample")
+from model.options import DEFAULT_LENGTH_PENALTY, DEFAULT_NO_REPEAT_NGRAM_SIZE
+
 Strategy = Literal["greedy", "beam", "sample"]
 Rerank = Literal["none", "likelihood", "mmi"]
 # /api/chat's defaults: what was judged best on bench/prompts_dev.txt (docs/QUALITY.md)
 DEFAULT_STRATEGY: Strategy = "beam"
+DEFAULT_BEAM_SIZE = 5
 DEFAULT_SAMPLES = 16
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.9
@@ -86,14 +88,14 @@ class ChatRequest(Strict):
                                             "few (its `context_turns`, message included)")
     strategy: Strategy = Field(DEFAULT_STRATEGY, description="greedy, beam (n-best) or sample; the "
                                "default is the setting that was judged best (docs/QUALITY.md)")
-    beam_size: Bounded(1, MAX_BEAM) = Field(5, description="Beam width (beam only); raised to "
-                                                             "n_best when smaller")
+    beam_size: Bounded(1, MAX_BEAM) = Field(DEFAULT_BEAM_SIZE, description="Beam width (beam only); "
+                                            "raised to n_best when smaller")
     n_best: Bounded(1, MAX_BEAM) = Field(1, description="Candidates to return: the n best beams, "
                                                          "or n samples; greedy gives one")
     max_length: Bounded(1, MAX_TOKENS) = Field(40, description="Reply length cap in tokens")
-    length_penalty: float = Field(0.6, ge=0.0, le=5.0,
+    length_penalty: float = Field(DEFAULT_LENGTH_PENALTY, ge=0.0, le=5.0,
                                   description="GNMT length penalty alpha for scores; 0 disables")
-    no_repeat_ngram_size: Bounded(0, 10) = Field(3,
+    no_repeat_ngram_size: Bounded(0, 10) = Field(DEFAULT_NO_REPEAT_NGRAM_SIZE,
                                       description="Forbid repeating any n-gram of this size; 0 off")
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.01, le=5.0,
                                description="Sampling temperature (sample only)")
@@ -175,8 +177,10 @@ class ChatCompletionRequest(BaseModel):
     strategy: Strategy | None = Field(None, description="Extra: force greedy, beam or sample")
     beam_size: Bounded(1, MAX_BEAM) | None = Field(None, description="Extra: beam width; > 1 "
                                                                       "selects beam search")
-    length_penalty: float | None = Field(None, ge=0.0, le=5.0, description="Extra: default 0.6")
-    no_repeat_ngram_size: Bounded(0, 10) | None = Field(None, description="Extra: default 3")
+    length_penalty: float | None = Field(None, ge=0.0, le=5.0,
+                                         description=f"Extra: default {DEFAULT_LENGTH_PENALTY}")
+    no_repeat_ngram_size: Bounded(0, 10) | None = Field(
+        None, description=f"Extra: default {DEFAULT_NO_REPEAT_NGRAM_SIZE}")
     rerank: Rerank | None = Field(None, description="Extra: none, likelihood or mmi (see /api/chat)")
     mmi_weight: float | None = Field(None, ge=0.0, le=10.0, description="Extra: see /api/chat")
     samples: Bounded(1, MAX_BEAM) | None = Field(None, description="Extra: samples drawn to choose "

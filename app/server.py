@@ -8,13 +8,15 @@ the requests in flight; the lifespan hook then lets the engine finish its batch.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from model.checkpoint import CheckpointError
+from model.checkpoint_meta import CheckpointError
 
 from .settings import Settings
 
@@ -50,7 +52,8 @@ def _graceful_server_class() -> type:
 def serve(checkpoint: Path | None = None, host: str | None = None, port: int | None = None) -> int:
     import uvicorn
 
-    from .main import build_engine, create_app
+    from .factory import build_engine
+    from .main import create_app
 
     flags = {"checkpoint": checkpoint, "host": host, "port": port}
     try:
@@ -74,5 +77,21 @@ def serve(checkpoint: Path | None = None, host: str | None = None, port: int | N
                             timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
                             proxy_headers=False)
     server = _graceful_server_class()(config)
-    server.run()
-    return 0 if server.started else 1
+
+    async def run() -> int:
+        # The model loads before uvicorn starts, on the loop it then serves on: a checkpoint
+        # the worker cannot load is reported here, in one line, and no port ever opens.
+        engine.start()
+        try:
+            await engine.wait_ready()
+        except RuntimeError as exc:
+            reason = getattr(engine, "startup_error", None) or exc
+            print(f"chatbot serve: error: cannot load checkpoint {path}: {reason}", file=sys.stderr)
+            await engine.aclose(timeout=0)
+            return 2
+        with contextlib.suppress(SystemExit):  # uvicorn exits (3) when the app's startup fails
+            await server.serve()
+        return 0 if server.started else 1
+
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        return runner.run(run())

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.device import available_cores, pick_device
+
 from .reply_filter import DEFAULT_FALLBACK
 from .schemas import DEFAULT_MMI_WEIGHT
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -84,15 +78,11 @@ class Settings(BaseSettings):
         return self.num_threads or max(1, available_cores() - 1)
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return pick_device(self.device).type
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint is not None:
             return self.checkpoint
-        from model.checkpoint import shipped_checkpoint_path
+        from model.checkpoint_meta import shipped_checkpoint_path
 
         return shipped_checkpoint_path()

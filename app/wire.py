@@ -28,7 +28,7 @@ import pickle
 import struct
 from typing import Any
 
-from model.decoding import Hypothesis
+from model.options import Hypothesis
 
 from .errors import ERRORS, EngineFailure, ServiceError
 

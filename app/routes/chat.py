@@ -7,10 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from model.decoding import DecodeOptions
+from model.options import DecodeOptions
 
 from ..errors import error_responses
-from ..schemas import MIN_TOP_P, Candidate, ChatRequest, ChatResponse, Usage
+from ..schemas import Candidate, ChatRequest, ChatResponse, Usage
 from .common import (
     EngineDep,
     ReplyFilterDep,
@@ -20,6 +20,7 @@ from .common import (
     replies,
     reranking,
     screened,
+    search_options,
     unless_disconnected,
 )
 
@@ -27,19 +28,10 @@ router = APIRouter(tags=["chat"])
 
 
 def decode_options(req: ChatRequest, rerank: dict[str, Any] | None = None) -> DecodeOptions:
-    """The search a request asks for; fields a strategy ignores are normalised, so that
-    requests that decode alike share one search in the engine."""
-    common = {"max_length": req.max_length, "min_length": min(2, req.max_length),
-              "length_penalty": req.length_penalty, "no_repeat_ngram_size": req.no_repeat_ngram_size,
-              **(rerank or {})}
-    if req.strategy == "beam":
-        width = max(req.beam_size, req.n_best)
-        # every finished beam comes back; the route keeps the n_best distinct ones
-        return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
-    if req.strategy == "sample":
-        return DecodeOptions(strategy="sample", beam_size=1, n_best=max(req.samples, req.n_best),
-                             temperature=req.temperature, top_p=max(req.top_p, MIN_TOP_P), **common)
-    return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
+    return search_options(req.strategy, max_length=req.max_length, length_penalty=req.length_penalty,
+                          no_repeat_ngram_size=req.no_repeat_ngram_size, beam_size=req.beam_size,
+                          n_best=req.n_best, samples=req.samples, temperature=req.temperature,
+                          top_p=req.top_p, rerank=rerank or {})
 
 
 @router.post("/api/chat", response_model=ChatResponse,

@@ -13,11 +13,12 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from model.decoding import Hypothesis
+from model.options import DecodeOptions, Hypothesis
 
-from ..engine import Engine
 from ..errors import ClientGone, InvalidRequest, NotReady, Unauthorized
+from ..jobs import Engine
 from ..reply_filter import ReplyFilter
+from ..schemas import MIN_TOP_P
 from ..settings import Settings
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_engine(request: Request) -> Engine:
     engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is None or not engine.ready:
+    if engine is None or not engine.accepting:
         raise NotReady("the model is not loaded yet" if engine is None else "the engine is not running",
                        headers={"Retry-After": "1"})
     return engine
@@ -98,6 +99,23 @@ class Reply:
     tokens: int
     finished: bool  # ended with end-of-sequence (else cut at max_length)
     fallback: bool = False  # the reply filter's fallback: every candidate was blocked
+
+
+def search_options(strategy: str, *, max_length: int, length_penalty: float, no_repeat_ngram_size: int,
+                   beam_size: int, n_best: int, samples: int, temperature: float, top_p: float,
+                   rerank: dict[str, Any]) -> DecodeOptions:
+    """The search a request asks for, for both APIs. Fields a strategy ignores are normalised,
+    so that requests that decode alike share one search in the engine: beam search returns
+    every finished beam (the route keeps the n best distinct ones), sampling at least n."""
+    common = {"max_length": max_length, "min_length": min(2, max_length), "length_penalty": length_penalty,
+              "no_repeat_ngram_size": no_repeat_ngram_size, **rerank}
+    if strategy == "beam":
+        width = max(beam_size, n_best)
+        return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
+    if strategy == "sample":
+        return DecodeOptions(strategy="sample", beam_size=1, n_best=max(samples, n_best),
+                             temperature=temperature, top_p=max(top_p, MIN_TOP_P), **common)
+    return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
 
 
 def reranking(rerank: str | None, mmi_weight: float | None, settings: Settings,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import error_responses
+from ..errors import NotReady, error_responses
 from ..schemas import Health, ModelInfo, Ready
 from .common import EngineDep
 
@@ -21,7 +21,11 @@ async def health() -> Health:
 
 @router.get("/ready", response_model=Ready, responses=error_responses(503))
 async def ready(engine: EngineDep) -> Ready:
-    """A model is loaded and the engine takes requests; 503 otherwise."""
+    """A model is loaded and the engine serves; 503 otherwise (also while a model worker
+    restarts: requests sent meanwhile wait for it, but a load balancer should send them
+    elsewhere)."""
+    if not engine.ready:
+        raise NotReady("the model process is restarting", headers={"Retry-After": "1"})
     return Ready(model=engine.name)
 
 

@@ -23,13 +23,13 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from model.decoding import DecodeOptions
+from model.options import DEFAULT_LENGTH_PENALTY, DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 
-from ..engine import Completion, Engine, Ticket
 from ..errors import NotFound, ServiceError, error_responses, status_of
+from ..jobs import Completion, Engine, Ticket
 from ..reply_filter import ReplyFilter
 from ..schemas import (
-    MIN_TOP_P,
+    DEFAULT_BEAM_SIZE,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -49,6 +49,7 @@ from .common import (
     replies,
     reranking,
     screened,
+    search_options,
     unless_disconnected,
 )
 
@@ -58,11 +59,8 @@ DEFAULT_MAX_TOKENS = 40
 
 
 def decode_options(req: ChatCompletionRequest, rerank: dict[str, Any] | None = None) -> DecodeOptions:
-    max_length = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
-    common = {"max_length": max_length, "min_length": min(2, max_length),
-              "length_penalty": 0.6 if req.length_penalty is None else req.length_penalty,
-              "no_repeat_ngram_size": 3 if req.no_repeat_ngram_size is None else req.no_repeat_ngram_size,
-              **(rerank or {})}
+    """temperature 0 or unset: greedy for n = 1, beam n-best for n > 1 or a beam_size > 1; else
+    sampling; `strategy` overrides. Unset extras take /api/chat's defaults."""
     strategy = req.strategy
     if strategy is None:
         if req.temperature:
@@ -71,14 +69,13 @@ def decode_options(req: ChatCompletionRequest, rerank: dict[str, Any] | None = N
             strategy = "beam"
         else:
             strategy = "greedy"
-    if strategy == "beam":
-        width = max(req.beam_size or 5, req.n)
-        return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
-    if strategy == "sample":
-        return DecodeOptions(strategy="sample", beam_size=1, n_best=max(req.n, req.samples or 1),
-                             temperature=max(req.temperature or 1.0, 0.01),
-                             top_p=max(req.top_p or 1.0, MIN_TOP_P), **common)
-    return DecodeOptions(strategy="greedy", beam_size=1, n_best=1, **common)
+    return search_options(
+        strategy, max_length=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        length_penalty=DEFAULT_LENGTH_PENALTY if req.length_penalty is None else req.length_penalty,
+        no_repeat_ngram_size=(DEFAULT_NO_REPEAT_NGRAM_SIZE if req.no_repeat_ngram_size is None
+                              else req.no_repeat_ngram_size),
+        beam_size=req.beam_size or DEFAULT_BEAM_SIZE, n_best=req.n, samples=req.samples or 1,
+        temperature=max(req.temperature or 1.0, 0.01), top_p=req.top_p or 1.0, rerank=rerank or {})
 
 
 def message_text(message: Message) -> str:

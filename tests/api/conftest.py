@@ -17,12 +17,13 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from app.batching import StepFn, default_step
-from app.engine import ChatEngine, EngineConfig
+from app.engine import ChatEngine
+from app.jobs import EngineConfig
 from app.main import create_app
 from app.settings import Settings
 from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions
-from model.inference import generate
+from model.inference import decode_sources
 
 PROMPTS = ["hello", "hi", "how are you", "what is your name", "do you like cats", "do you like music",
            "good morning", "see you later", "what is the weather", "do you like pizza", "good night",
@@ -30,10 +31,10 @@ PROMPTS = ["hello", "hi", "how are you", "what is your name", "do you like cats"
 
 
 def reference(ckpt: Checkpoint, turns: list[str], opts: DecodeOptions) -> list[str]:
-    """The replies model.inference.generate gives for one conversation, alone."""
+    """The replies model.inference.decode_sources gives for one conversation, alone."""
     cfg = ckpt.model.cfg
     src = ckpt.tokenizer.encode_context(turns[-cfg.context_turns:], cfg.max_source_len)
-    return [ckpt.tokenizer.decode(h.tokens) for h in generate(ckpt.model, [src], opts)[0]]
+    return [ckpt.tokenizer.decode(h.tokens) for h in decode_sources(ckpt.model, [src], opts)[0]]
 
 
 class Gate:
@@ -55,6 +56,11 @@ class Gate:
         if self.delay:
             time.sleep(self.delay)
         return self.step(tokens, rows)
+
+
+async def complete(engine: Any, source: list[int], opts: DecodeOptions, timeout: float | None = None) -> Any:
+    """Submit a request and wait for its Completion."""
+    return await engine.submit(source, opts, timeout=timeout).result()
 
 
 def make_settings(tiny_checkpoint: Path, **overrides: Any) -> Settings:

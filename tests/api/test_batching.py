@@ -1,4 +1,4 @@
-"""RunningBatch: continuous batching gives what generate gives each request alone."""
+"""RunningBatch: continuous batching gives what decode_sources gives each request alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from app.batching import BatchItem, RunningBatch
 from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions
-from model.inference import generate
+from model.inference import decode_sources
 
 from .conftest import PROMPTS
 
@@ -21,7 +21,7 @@ def _source(ckpt: Checkpoint, text: str) -> list[int]:
 
 
 def _alone(ckpt: Checkpoint, src: list[int], opts: DecodeOptions) -> list[list[int]]:
-    return [h.tokens for h in generate(ckpt.model, [src], opts)[0]]
+    return [h.tokens for h in decode_sources(ckpt.model, [src], opts)[0]]
 
 
 @torch.inference_mode()

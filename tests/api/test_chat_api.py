@@ -11,7 +11,7 @@ from app.routes.chat import decode_options
 from app.schemas import ChatRequest
 from model.checkpoint import Checkpoint
 
-from .conftest import PROMPTS, Gate, reference, serving
+from .conftest import PROMPTS, Gate, complete, reference, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -197,7 +197,7 @@ async def test_a_request_past_its_deadline_gets_504(make_app, gate: Gate) -> Non
         while engine.active_requests:
             await asyncio.sleep(0.01)
         # the rows were dropped and the engine carries on (no deadline here: the machine may be slow)
-        assert (await engine.generate([5, 6], _opts())).hypotheses and engine.ready
+        assert (await complete(engine, [5, 6], _opts())).hypotheses and engine.ready
 
 
 async def test_not_ready_answers_503(make_app) -> None:

@@ -8,12 +8,13 @@ import threading
 import pytest
 
 from app.batching import default_encode, default_step
-from app.engine import ChatEngine, EngineConfig
+from app.engine import ChatEngine
 from app.errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded
+from app.jobs import EngineConfig
 from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions
 
-from .conftest import PROMPTS, Gate, reference
+from .conftest import PROMPTS, Gate, complete, reference
 
 pytestmark = pytest.mark.anyio
 GREEDY = DecodeOptions(strategy="greedy", max_length=12, min_length=2, no_repeat_ngram_size=3)
@@ -45,7 +46,7 @@ async def test_concurrent_requests_get_the_replies_they_get_alone(ckpt: Checkpoi
     engine = await _started(ckpt, max_batch_size=64)
     beam = DecodeOptions(strategy="beam", beam_size=3, n_best=3, max_length=10, min_length=2)
     jobs = [(p, GREEDY if i % 3 else beam) for i, p in enumerate(PROMPTS)]
-    results = await asyncio.gather(*(engine.generate(engine.encode_turns([p]), o) for p, o in jobs))
+    results = await asyncio.gather(*(complete(engine, engine.encode_turns([p]), o) for p, o in jobs))
     await engine.aclose()
     for (prompt, opts), result in zip(jobs, results, strict=True):
         assert [engine.decode(h.tokens) for h in result.hypotheses] == reference(ckpt, [prompt], opts)
@@ -54,7 +55,7 @@ async def test_concurrent_requests_get_the_replies_they_get_alone(ckpt: Checkpoi
 async def test_a_full_queue_refuses_with_overloaded(ckpt: Checkpoint, gate: Gate) -> None:
     engine = await _started(ckpt, gate, max_batch_size=1, max_queue=2)
     gate.opened.clear()
-    first = asyncio.ensure_future(engine.generate([5, 6], GREEDY))
+    first = asyncio.ensure_future(complete(engine, [5, 6], GREEDY))
     assert await asyncio.to_thread(gate.waiting.wait, 5)  # decoding, stuck in the step
     queued = [engine.submit([7], GREEDY), engine.submit([8], GREEDY)]
     assert engine.queue_depth == 2
@@ -75,7 +76,7 @@ async def test_a_deadline_fails_the_request_and_drops_its_rows(ckpt: Checkpoint,
         await ticket.result()
     gate.opened.set()
     await _until(lambda: engine.active_requests == 0 and engine._active_rows == 0)
-    assert (await engine.generate([5], GREEDY)).hypotheses  # the engine carries on
+    assert (await complete(engine, [5], GREEDY)).hypotheses  # the engine carries on
     await engine.aclose()
 
 
@@ -83,7 +84,7 @@ async def test_cancelling_the_caller_cancels_the_work(ckpt: Checkpoint) -> None:
     gate = Gate(default_step(ckpt.model), delay=0.02)
     engine = await _started(ckpt, gate)
     long = DecodeOptions(strategy="greedy", max_length=200, min_length=200)
-    task = asyncio.ensure_future(engine.generate([5, 6], long))
+    task = asyncio.ensure_future(complete(engine, [5, 6], long))
     await _until(lambda: engine.active_requests == 1)
     task.cancel()
     await _until(lambda: engine.active_requests == 0, timeout=2.0)
@@ -119,9 +120,9 @@ async def test_a_failing_step_fails_its_batch_not_the_engine(ckpt: Checkpoint) -
     engine = await _started(ckpt, step)  # type: ignore[arg-type]
     broken["on"] = True
     with pytest.raises(EngineFailure):
-        await engine.generate([5, 6], GREEDY)
+        await complete(engine, [5, 6], GREEDY)
     broken["on"] = False
-    assert (await engine.generate([5, 6], GREEDY)).hypotheses
+    assert (await complete(engine, [5, 6], GREEDY)).hypotheses
     await engine.aclose()
 
 
@@ -145,7 +146,7 @@ async def test_requests_are_encoded_while_the_decoder_steps(ckpt: Checkpoint, ga
     engine.start()
     await engine.wait_ready()
     gate.opened.clear()
-    first = asyncio.ensure_future(engine.generate([5, 6], GREEDY))
+    first = asyncio.ensure_future(complete(engine, [5, 6], GREEDY))
     assert await asyncio.to_thread(gate.waiting.wait, 5)  # the decoder is stuck in a step
     calls = len(encoded_on)
     second = engine.submit(engine.encode_turns([PROMPTS[0]]), GREEDY)
@@ -173,9 +174,9 @@ async def test_a_failing_encoder_fails_its_requests_not_the_engine(ckpt: Checkpo
     await engine.wait_ready()
     broken["on"] = True
     with pytest.raises(EngineFailure):
-        await engine.generate([5, 6], GREEDY)
+        await complete(engine, [5, 6], GREEDY)
     broken["on"] = False
-    assert (await engine.generate([5, 6], GREEDY)).hypotheses
+    assert (await complete(engine, [5, 6], GREEDY)).hypotheses
     assert engine.ready
     await engine.aclose()
 
@@ -196,7 +197,7 @@ async def test_a_cancelled_encoded_request_makes_room_for_the_next(ckpt: Checkpo
     request that was cancelled meanwhile, the encoder must hear that there is room again."""
     engine = await _started(ckpt, gate, max_batch_size=1)
     gate.opened.clear()
-    first = asyncio.ensure_future(engine.generate([5, 6], GREEDY))
+    first = asyncio.ensure_future(complete(engine, [5, 6], GREEDY))
     assert await asyncio.to_thread(gate.waiting.wait, 5)  # decoding, stuck in the step
     dropped = engine.submit([7, 8], GREEDY)
     await _until(lambda: engine._encoded_jobs == 1)  # encoded: the encoder's one row ahead

@@ -10,7 +10,7 @@ import pytest
 from app.main import create_app
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
-from model.inference import generate
+from model.inference import decode_sources
 from tests.api.conftest import make_settings, serving
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +26,7 @@ async def test_built_engine_replies_equal_the_reference_decoder(tiny_checkpoint,
     for strategy in ("greedy", "beam"):
         opts = DecodeOptions(strategy=strategy, beam_size=4, n_best=1, max_length=20,
                              no_repeat_ngram_size=3)
-        hyps = generate(ck.model, [ck.tokenizer.encode_context([p], K) for p in PROMPTS], opts)
+        hyps = decode_sources(ck.model, [ck.tokenizer.encode_context([p], K) for p in PROMPTS], opts)
         want[strategy] = [ck.tokenizer.decode(h[0].tokens) for h in hyps]
     app = create_app(make_settings(tiny_checkpoint, fast_decoder=fast))
     async with serving(app) as client:

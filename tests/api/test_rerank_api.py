@@ -12,7 +12,7 @@ from app.schemas import DEFAULT_STRATEGY
 from app.settings import Settings
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
-from model.inference import generate
+from model.inference import decode_sources
 
 from .conftest import PROMPTS, make_engine, make_settings, serving
 
@@ -40,7 +40,7 @@ def expected(ckpt, prompt: str, weight: float) -> list[str]:
     src = ckpt.tokenizer.encode_context([prompt], ckpt.model.cfg.max_source_len)
     opts = DecodeOptions(strategy="beam", beam_size=5, n_best=5, min_length=2, no_repeat_ngram_size=3,
                          rerank="mmi", mmi_weight=weight)
-    return [ckpt.tokenizer.decode(h.tokens) for h in generate(ckpt.model, [src], opts,
+    return [ckpt.tokenizer.decode(h.tokens) for h in decode_sources(ckpt.model, [src], opts,
                                                                 reverse=ckpt.reverse.model)[0]]
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from model.checkpoint import Checkpoint
 from model.config import ModelConfig
 from model.decoding import DecodeOptions
-from model.inference import generate
+from model.inference import decode_sources
 from model.network import Seq2Seq
 from model.tokenizer import SPECIAL_TOKENS, UNK_ID, Tokenizer, normalize
 
@@ -88,7 +88,7 @@ def random_model(seed: int, layers: int) -> Seq2Seq:
 def test_decoding_a_random_model_stays_in_bounds(seed: int, layers: int, sources: list[list[int]],
                                                  opts: DecodeOptions) -> None:
     model = random_model(seed, layers)
-    results = generate(model, sources, opts, generator=torch.Generator().manual_seed(seed))
+    results = decode_sources(model, sources, opts, generator=torch.Generator().manual_seed(seed))
     assert len(results) == len(sources)
     for hyps in results:
         expected = 1 if opts.strategy == "greedy" else opts.n_best
@@ -114,7 +114,7 @@ def test_the_trained_model_answers_any_text_within_bounds(ckpt: Checkpoint, turn
     cfg, tok = ckpt.model.cfg, ckpt.tokenizer
     source = tok.encode_context(turns[-cfg.context_turns:], cfg.max_source_len)
     opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=2, max_length=max_length)
-    [hyps] = generate(ckpt.model, [source], opts, generator=torch.Generator().manual_seed(0))
+    [hyps] = decode_sources(ckpt.model, [source], opts, generator=torch.Generator().manual_seed(0))
     for h in hyps:
         assert len(h.tokens) <= max_length
         assert all(FIRST_PLAIN_ID <= t < tok.vocab_size for t in h.tokens)
