@@ -1,24 +1,27 @@
 """The inference engine: two threads own the model; requests share its batch.
 
-The event loop never runs torch. A request is tokenised on the loop (cheap), put on
-a bounded queue (full: Overloaded -> 429) and answered through an asyncio future
-that the engine resolves with `loop.call_soon_threadsafe`. Two threads do the work:
+A chat request's path under `chatbot serve`:
+1. the HTTP process's route tokenises it and hands RemoteEngine (app/remote_engine.py) token ids;
+2. a frame carries them to the model worker (app/model_worker.py), which calls `submit_job`;
+3. here the encoder thread encodes it with others, and the decoder thread joins it to the batch;
+4. when its search ends, its job's sink posts the completion to the worker's loop, the one writer;
+5. a frame carries it back, RemoteEngine settles the request's future, the route decodes the reply.
+With CHATBOT_MODEL_PROCESS=false, steps 2 and 5 vanish: `submit` gives a LoopSink (app/jobs.py).
 
-- the encoder thread takes queued requests, encodes their sources as one batch and
-  hands the encoded rows over (it runs ahead of the decoder by at most one batch);
-- the decoder thread runs `RunningBatch` (app/batching.py): between two decoder steps
-  it admits encoded requests up to `max_batch_size` rows, so a request that arrives
-  while others decode joins them at the next step, and one that finishes leaves at
-  once (continuous batching). Requests past their deadline, or whose client went
-  away, are dropped from the batch before the next step.
+The event loop never runs torch. A full queue refuses at once (Overloaded -> 429). The
+decoder thread runs `RunningBatch` (app/batching.py): between two decoder steps it admits
+encoded requests up to `max_batch_size` rows, so a request that arrives while others
+decode joins them at the next step, and one that finishes leaves at once (continuous
+batching). A job past its deadline, or whose caller went away, leaves before the next
+step (`Job.leaves`, the one rule for waiting and decoding jobs).
 
 Encoding a source costs about as much as eight decoder steps; on the decoder thread
 it stalled every running request each time new ones joined (under 32 clients, 44%
 of that thread's time went to encoding). On its own thread it overlaps the steps:
 torch releases the GIL inside its kernels, so the two threads use two cores.
 
-Streaming (greedy and sampling with one row per request): each chosen token is put
-on the request's asyncio queue as the step that chose it ends.
+Streaming (greedy and sampling with one row per request): each chosen token goes to the
+job's sink as the step that chose it ends.
 """
 
 from __future__ import annotations

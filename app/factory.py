@@ -1,42 +1,22 @@
 """Building engines: the one place that turns settings into a served model, used by the app
 (app/main.py), `chatbot serve` (app/server.py) and the model worker (app/model_worker.py).
 
-`ModelSpec` is all the model worker is told: the checkpoint, the device and the engine's
-settings; the HTTP settings (the API key among them) stay in the HTTP process. This module
-imports torch only in `load_engine`, which runs where the weights live.
+The model worker is told a ModelSpec (app/spec.py) only. This module imports torch only in
+`load_engine`, which runs where the weights live.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .jobs import Engine, EngineConfig
+from .jobs import Engine
 from .metrics import Metrics
+from .remote_engine import RemoteEngine
 from .settings import Settings
+from .spec import ModelSpec
 
 if TYPE_CHECKING:
     from .engine import ChatEngine
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    checkpoint: Path
-    device: str  # "auto", "cpu" or "cuda": resolved where the model loads
-    engine: EngineConfig
-    fast_decoder: bool = True
-    quantize: str = "none"
-    log_level: str = "info"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ModelSpec:
-        return cls(checkpoint=settings.checkpoint_path(), device=settings.device,
-                   engine=EngineConfig(max_batch_size=settings.max_batch_size,
-                                       max_queue=settings.max_queue, num_threads=settings.threads(),
-                                       encoder_threads=settings.encoder_threads, seed=settings.seed),
-                   fast_decoder=settings.fast_decoder, quantize=settings.quantize,
-                   log_level=settings.log_level)
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
@@ -47,8 +27,6 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     the event loop)."""
     spec = ModelSpec.from_settings(settings)
     if settings.model_process:
-        from .remote_engine import RemoteEngine
-
         return RemoteEngine(spec, request_timeout_s=settings.request_timeout_s, metrics=metrics)
     return load_engine(spec, metrics)
 

@@ -29,9 +29,10 @@ from model.checkpoint_meta import CheckpointError
 from . import wire
 from .engine import ChatEngine, Job
 from .errors import ServiceError
-from .factory import ModelSpec, load_engine
+from .factory import load_engine
 from .jobs import Completion
 from .metrics import Metrics
+from .spec import ModelSpec
 
 log = logging.getLogger("chatbot.worker")
 

@@ -5,7 +5,7 @@ the event loop, uvicorn, FastAPI and pydantic then do not share a GIL with the d
 thread (docs/PERFORMANCE.md). The routes see the same surface as ChatEngine
 (app/jobs.py, `Engine`). This process holds no weights and never imports torch: it
 reads the checkpoint's config.json and tokenizer.json (requests are tokenised and
-replies decoded here), tells the worker only a ModelSpec (app/factory.py; the API key
+replies decoded here), tells the worker only a ModelSpec (app/spec.py; the API key
 stays here) and hands it token ids over a socket pair (app/wire.py). The worker
 describes the model (/api/model) when it is ready.
 
@@ -40,10 +40,10 @@ from model.options import DecodeOptions
 
 from . import wire
 from .errors import NotReady, Overloaded
-from .factory import ModelSpec
 from .jobs import LoopSink, Ticket
 from .metrics import Metrics
 from .served import ServedModel
+from .spec import ModelSpec
 
 log = logging.getLogger("chatbot.remote")
 

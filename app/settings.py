@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.device import available_cores, pick_device
+from model.device import available_cores
 
 from .reply_filter import DEFAULT_FALLBACK
 from .schemas import DEFAULT_MMI_WEIGHT
@@ -76,9 +76,6 @@ class Settings(BaseSettings):
 
     def threads(self) -> int:
         return self.num_threads or max(1, available_cores() - 1)
-
-    def resolved_device(self) -> str:
-        return pick_device(self.device).type
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint is not None:

@@ -35,6 +35,8 @@ QUICK: dict[str, tuple[list[str], list[str]]] = {
         r"# engine alone \(local\)", r"\| strategy \| callers \| req/s", r"\| beam +\| 4 +\| [\d.]+ +\|"]),
     "engine_load.py --engine worker": (["--engine", "worker"], [
         r"# engine alone \(worker\)", r"\| strategy \| callers \| req/s", r"\| beam +\| 4 +\| [\d.]+ +\|"]),
+    "memory.py": ([], [r"\| worker process \| HTTP \| \d+ \| \d+ \|", r"\| worker process \| model worker \|",
+                       r"worker process: 20/20 answered 200"]),
     "soak.py": ([], [r"\| burst +\| 16 +\|", r"\| deadline 0\.05 s +\|",
                      r"OK: every request answered 200, 429 or 503"]),
 }

@@ -95,3 +95,16 @@ def test_chatbot_serve_answers_then_stops_cleanly_on_sigterm(tiny_checkpoint: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_http_process_never_imports_torch() -> None:
+    """`chatbot serve`'s HTTP side (app, routes, the remote engine, the CLI) reads the checkpoint's
+    config and tokenizer only; the weights and torch live in the model worker."""
+    code = ("import sys, app.cli, app.main, app.server, app.factory, app.remote_engine; "
+            "from app.factory import build_engine; from app.settings import Settings; "
+            "engine = build_engine(Settings()); assert engine.name and engine.encode_turns(['hi']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CHATBOT_MODEL_PROCESS": "true"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
