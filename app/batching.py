@@ -160,7 +160,7 @@ class RunningBatch:
         for opts, g in list(self.groups.items()):
             if not ids.intersection(g.search.ids):
                 continue
-            g.index = g.index.index_select(0, g.search.filter(ids))
+            g.index = g.index.index_select(0, g.search.drop(ids))
             if not len(g.search):
                 del self.groups[opts]
         self.streaming -= ids

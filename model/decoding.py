@@ -229,7 +229,7 @@ class Search:
         """One step from the model's log-probs (R, V); each strategy defines it."""
         raise NotImplementedError
 
-    def filter(self, ids: Collection[Hashable]) -> Tensor:
+    def drop(self, ids: Collection[Hashable]) -> Tensor:
         """Remove the items whose ids are in `ids` (cancelled, past a deadline) between steps.
 
         Returns the index of the rows kept, in order, for the caller to select its recurrent
@@ -401,9 +401,9 @@ class BeamSearch(Search):
         out.results = {k: v for s in searches for k, v in s.results.items()}  # type: ignore[attr-defined]
         return out
 
-    def filter(self, ids: Collection[Hashable]) -> Tensor:
-        """As `Search.filter`; the removed items' finished hypotheses are forgotten too."""
-        index = super().filter(ids)
+    def drop(self, ids: Collection[Hashable]) -> Tensor:
+        """As `Search.drop`; the removed items' finished hypotheses are forgotten too."""
+        index = super().drop(ids)
         for i in ids:
             self.results.pop(i, None)
         return index

@@ -262,7 +262,7 @@ def test_filter_drops_items_between_steps_and_the_rest_decode_as_if_alone(strate
             state = state.index_select(0, res.reorder)
     seqs_before, last_before = search.seqs.clone(), search.last_tokens().clone()
 
-    index = search.filter({"b", "not-there"})
+    index = search.drop({"b", "not-there"})
 
     assert search.ids == ["a", "c"] and len(search) == 2 and search.num_rows == 2 * K
     assert index.tolist() == [*range(K), *range(2 * K, 3 * K)]  # the rows of a and c, in order
@@ -280,7 +280,7 @@ def test_filter_drops_items_between_steps_and_the_rest_decode_as_if_alone(strate
 
 def test_filter_of_every_item_empties_the_search() -> None:
     search = make_search([1, 2], DecodeOptions(strategy="beam", beam_size=2, max_length=4))
-    assert search.filter([1, 2]).numel() == 0
+    assert search.drop([1, 2]).numel() == 0
     assert len(search) == 0 and search.num_rows == 0 and search.seqs.shape[0] == 0
 
 
