@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,7 @@ class Job:
     sink: JobSink
     deadline: float | None
     stream: bool = False
-    engine: ChatEngine | None = None
+    wake: Callable[[], None] | None = None  # tells the engine's threads to look again
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     settled: bool = False
@@ -89,8 +90,8 @@ class Job:
     def cancel(self) -> None:
         """The caller has gone: the job leaves at the engine's next look, unanswered."""
         self.cancelled = True
-        if self.engine is not None:
-            self.engine._wake()
+        if self.wake is not None:
+            self.wake()
 
     def leaves(self, now: float) -> bool:
         """Whether the job leaves unserved: cancelled by its caller, or past its deadline (then
@@ -222,7 +223,7 @@ class ChatEngine(ServedModel):
         for what this checkpoint cannot do."""
         self.check_options(opts)
         job = Job(id=next(self._ids), source=list(source), opts=opts, sink=sink, stream=stream,
-                  deadline=None if timeout is None else time.monotonic() + timeout, engine=self)
+                  deadline=None if timeout is None else time.monotonic() + timeout, wake=self._wake)
         with self._cond:
             if self._closing or not self._ready.is_set():
                 raise NotReady("the server is shutting down" if self._closing else

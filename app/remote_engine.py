@@ -277,9 +277,7 @@ class RemoteEngine(ServedModel):
             else:
                 pending.resent = True
                 self._wait_for_worker(rid, pending)
-        for scrape in self._scrapes.values():
-            if not scrape.done():
-                scrape.set_result(b"")
+        self._release_scrapes()
 
     async def _run_worker(self) -> int | None:
         """Spawn a worker and relay its messages until it goes; its exit status."""
@@ -355,6 +353,10 @@ class RemoteEngine(ServedModel):
     def _fail_all(self, why: str) -> None:
         for rid in list(self._pending):
             self._settle(rid, error=NotReady(why, headers=RETRY_AFTER))
+        self._release_scrapes()
+
+    def _release_scrapes(self) -> None:
+        """Metrics scrapes waiting for a worker that has gone get empty text."""
         for scrape in self._scrapes.values():
             if not scrape.done():
                 scrape.set_result(b"")
