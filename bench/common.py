@@ -62,13 +62,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_flags() -> str:
+    """The CPU flags that decide this project's fast paths (bf16 and int8 kernels)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "flags unknown"
+    return " ".join(flag for flag in wanted if flag in have) or "none of " + " ".join(wanted)
+
+
 def machine_line() -> str:
     import torch
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cores = available_cores()
     busy = "  BUSY: other work shares the CPU, figures are depressed" if load > cores + 0.5 else ""
-    return (f"{cpu_model()}, {cores} cores, torch {torch.__version__}, "
+    return (f"{cpu_model()} [{cpu_flags()}], {cores} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch threads, load average {load:.1f}{busy}")
 
 

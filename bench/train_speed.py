@@ -38,23 +38,33 @@ from model.config import ModelConfig, RunConfig, TokenizerConfig, TrainConfig
 from model.corpus import load_corpora, make_pairs
 from model.data import collate, encode_pairs, make_batches
 from model.device import available_cores
+from model.evaluation import evaluate_loss
 from model.network import Seq2Seq
 from model.tokenizer import Tokenizer
 from model.training import Corpus, Trainer
 
 
-def load_slice(n_pairs: int, context_turns: int, vocab_size: int, seed: int) -> tuple[Tokenizer, list]:
+def load_slice(n_pairs: int, context_turns: int, vocab_size: int, seed: int,
+               n_held_out: int = 0) -> tuple[Tokenizer, list, list]:
+    """The first `n_pairs` pairs of the shuffled corpus, a tokenizer trained on their
+    conversations, and `n_held_out` pairs of the conversations after them."""
     convs = load_corpora("chitchat")
     random.Random(seed).shuffle(convs)
-    chosen, pairs = [], []
+    chosen, pairs = 0, []
     for conv in convs:
-        chosen.append(conv)
+        chosen += 1
         pairs += make_pairs([conv], context_turns)
         if len(pairs) >= n_pairs:
             break
     pairs = pairs[:n_pairs]
-    tokenizer = Tokenizer.train([t for c in chosen for t in c], vocab_size=vocab_size, min_frequency=2)
-    return tokenizer, pairs
+    held_out: list = []
+    for conv in convs[chosen:]:
+        if len(held_out) >= n_held_out:
+            break
+        held_out += make_pairs([conv], context_turns)
+    tokenizer = Tokenizer.train([t for c in convs[:chosen] for t in c], vocab_size=vocab_size,
+                                min_frequency=2)
+    return tokenizer, pairs, held_out[:n_held_out]
 
 
 def main() -> None:
@@ -67,6 +77,9 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=("fp32", "bf16", "auto"),
                    help="trainer precisions, side by side in this run (the first is the baseline)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    p.add_argument("--passes", type=int, default=1, help="passes of the project's trainer over the pairs")
+    p.add_argument("--held-out", type=int, default=500,
+                   help="pairs of other conversations its loss is measured on after training")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores; --quick: 1)")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
@@ -79,8 +92,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    tokenizer, pairs = load_slice(n_pairs, mcfg.context_turns, mcfg.vocab_size, args.seed)
+    tokenizer, pairs, held_out = load_slice(n_pairs, mcfg.context_turns, mcfg.vocab_size, args.seed,
+                                            n_held_out=32 if args.quick else args.held_out)
     examples = encode_pairs(pairs, tokenizer, mcfg)
+    valid = encode_pairs(held_out, tokenizer, mcfg)
     n_tokens = sum(len(t) for _, t in examples)
     print(f"# train speed: E={mcfg.embedding_dim} H={mcfg.hidden_size} L={mcfg.num_layers} "
           f"V={mcfg.vocab_size}, "
@@ -88,7 +103,7 @@ def main() -> None:
           f"trained on them; data ready in {time.perf_counter() - started:.0f} s)")
     print(f"# {machine_line()}\n")
 
-    results = {}
+    results, val_loss = {}, {}
     for mode in args.precisions:
         cfg = RunConfig(model=mcfg, tokenizer=TokenizerConfig(vocab_size=mcfg.vocab_size),
                         train=TrainConfig(batch_size=args.batch_size, max_batch_tokens=args.max_tokens,
@@ -104,12 +119,13 @@ def main() -> None:
             for idx in batches[: args.warmup]:
                 trainer._train_step(collate([examples[i] for i in idx]))
             start, tokens = time.perf_counter(), 0
-            for idx in batches:
+            for idx in batches * args.passes:
                 batch = collate([examples[i] for i in idx])
                 trainer._train_step(batch)
                 tokens += batch.num_tokens
             name = f"project {mode} ({trainer.precision.name})"
-            results[name] = (tokens, time.perf_counter() - start, len(batches))
+            results[name] = (tokens, time.perf_counter() - start, len(batches) * args.passes)
+            val_loss[name] = evaluate_loss(trainer.model, tokenizer, valid).loss
             print(f"  {name}: {len(batches)} batches, {results[name][1]:.1f} s; {trainer.precision.reason}",
                   flush=True)
 
@@ -132,9 +148,12 @@ def main() -> None:
 
     base = next(iter(results.values()))
     base_tps = base[0] / base[1]
-    print(table(["trainer", "batches", "seconds", "target tok/s", f"vs {next(iter(results))}"], [
-        [name, n_batches, secs, toks / secs, toks / secs / base_tps]
+    print(table(["trainer", "batches", "seconds", "target tok/s", f"vs {next(iter(results))}",
+                 "held-out loss"], [
+        [name, n_batches, secs, toks / secs, toks / secs / base_tps, val_loss.get(name, float("nan"))]
         for name, (toks, secs, n_batches) in results.items()]))
+    print(f"# held-out loss: {len(valid)} pairs of other conversations, after the project's "
+          f"{args.passes} pass(es), float32 evaluation; the tutorial's is not measured")
     print(f"\n# finished {time.strftime('%Y-%m-%d %H:%M')}; {machine_line()}")
 
 

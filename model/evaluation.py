@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .data import Batch, Example, collate, make_batches
 from .decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 from .inference import decode_sources
+from .loss import cross_entropy_sum
 from .network import Seq2Seq
 from .tokenizer import Tokenizer
 
@@ -71,8 +71,7 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
         feats = model.decode_features(batch.tgt_in, enc)  # (B, T, H)
     keep = batch.tgt_out != 0
     logits = model.project(feats[keep])  # (N, V)
-    loss = F.cross_entropy(logits.float(), batch.tgt_out[keep], reduction="sum",
-                           label_smoothing=label_smoothing)
+    loss = cross_entropy_sum(logits, batch.tgt_out[keep], label_smoothing)
     return loss, int(keep.sum())
 
 

@@ -18,6 +18,9 @@ from .config import RunConfig, load_run_config, read_toml
 from .training import TrainingError
 
 SHIPPED = "shipped"
+# [model] keys a run started with --init may change: they shape no weight (dropout only
+# regularises training), so the init's weights still fit.
+ADJUSTABLE_MODEL_KEYS = frozenset({"dropout"})
 # [train] defaults of a run started with --init, where its config and flags do not say: a lower
 # learning rate than from scratch, a short warmup, frequent validation on the user's split and
 # early stopping, a quarter of every batch from the init's own corpus (replay).
@@ -57,7 +60,8 @@ def init_description(ckpt: Checkpoint, init: str | Path) -> dict[str, Any]:
 
 def config_from_init(ckpt: Checkpoint, config: Path | None,
                      overrides: dict[str, dict[str, Any]] | None) -> RunConfig:
-    """The run's config: [model] and [tokenizer] are the init's; [train] is the user's."""
+    """The run's config: [model] and [tokenizer] are the init's (but for the keys in
+    ADJUSTABLE_MODEL_KEYS); [train] is the user's."""
     model = asdict(ckpt.model.cfg)
     tokenizer = {"vocab_size": ckpt.tokenizer.vocab_size, "lowercase": ckpt.tokenizer.lowercase}
     raw = read_toml(config)
@@ -65,7 +69,9 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
              "tokenizer": {**raw.get("tokenizer", {}), **(overrides or {}).get("tokenizer", {})}}
     changed = [f"[{section}] {k} ({have.get(k)!r} in the init, {v!r} asked)"
                for section, have in (("model", model), ("tokenizer", tokenizer))
-               for k, v in asked[section].items() if v is not None and have.get(k, v) != v]
+               for k, v in asked[section].items()
+               if v is not None and have.get(k, v) != v
+               and not (section == "model" and k in ADJUSTABLE_MODEL_KEYS)]
     if changed:
         raise InitError("a run started with --init keeps the init checkpoint's model and tokenizer; "
                         "this config changes " + "; ".join(changed))
@@ -75,6 +81,8 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
     corpus = (ckpt.config.get("corpus") or {}).get("spec")
     if "replay_corpus" not in asked_train and corpus:
         train["replay_corpus"] = corpus  # the init's own corpus, so that it keeps its chat
+    model.update({k: v for k, v in asked["model"].items()
+                  if k in ADJUSTABLE_MODEL_KEYS and v is not None})
     merged = {**(overrides or {}), "model": model,
               "tokenizer": {"lowercase": tokenizer["lowercase"], "vocab_size": tokenizer["vocab_size"]},
               "train": {**train, **{k: v for k, v in (overrides or {}).get("train", {}).items()

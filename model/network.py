@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .tokenizer import PAD_ID
 
 LSTMState = tuple[Tensor, Tensor]  # (h, c), each (L, B, H)
@@ -61,7 +62,7 @@ class Seq2Seq(nn.Module):
         self.decoder = nn.LSTM(E, H, num_layers=L, dropout=between, batch_first=True)
         self.attn = nn.Linear(H, H, bias=False)  # Luong "general" score: h_t^T W_a h_s
         self.combine = nn.Linear(2 * H, H, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         if cfg.tie_embeddings:
             self.bottleneck: nn.Module = nn.Linear(H, E, bias=False) if E != H else nn.Identity()
             self.out_bias = nn.Parameter(torch.zeros(V))

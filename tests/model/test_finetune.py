@@ -134,3 +134,13 @@ def test_fine_tuning_defaults_apply_where_the_config_is_silent(tiny_checkpoint, 
     assert cfg.train.warmup_steps == FINETUNE_DEFAULTS["warmup_steps"]
     assert cfg.train.patience == FINETUNE_DEFAULTS["patience"] and cfg.train.replay_ratio == 0.25
     assert cfg.train.replay_corpus == load(tiny_checkpoint).config["corpus"]["spec"]
+
+
+def test_init_may_change_dropout_which_shapes_no_weight(tiny_checkpoint, persona, tmp_path) -> None:
+    cfg = tmp_path / "more_dropout.toml"
+    cfg.write_text("[model]\ndropout = 0.35\n[train]\nmax_steps = 2\neval_every = 2\n")
+    assert main(["train", "--init", str(tiny_checkpoint), "--corpus", str(persona), "--config", str(cfg),
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 0
+    ck = load_checkpoint(tmp_path / "x")
+    assert ck.model.cfg.dropout == 0.35
+    assert ck.model.cfg.hidden_size == load_checkpoint(tiny_checkpoint).model.cfg.hidden_size
