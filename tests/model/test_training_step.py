@@ -101,6 +101,6 @@ def test_padded_rows_change_neither_the_loss_nor_any_gradient() -> None:
 
 
 def test_only_a_cpu_bf16_step_pads_its_rows() -> None:
-    assert Precision("cpu", torch.bfloat16, "").row_multiple == 32
+    assert Precision("cpu", torch.bfloat16, "").row_multiple == 16
     assert Precision("cpu", None, "").row_multiple == 1
     assert Precision("cuda", torch.bfloat16, "").row_multiple == 1
