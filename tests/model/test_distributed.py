@@ -53,6 +53,7 @@ checkpoint_every = 20
 num_threads = 1
 seed = 5
 valid_fraction = 0.1
+precision = "fp32"  # "auto" times both precisions at start: two runs could choose differently
 """
 
 

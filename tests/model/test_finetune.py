@@ -132,7 +132,7 @@ def test_fine_tuning_defaults_apply_where_the_config_is_silent(tiny_checkpoint, 
     cfg = config_from_init(load(tiny_checkpoint), cfg_file, {"train": {"max_steps": 77, "patience": None}})
     assert cfg.train.learning_rate == 0.001 and cfg.train.max_steps == 77  # asked: kept
     assert cfg.train.warmup_steps == FINETUNE_DEFAULTS["warmup_steps"]
-    assert cfg.train.patience == FINETUNE_DEFAULTS["patience"] and cfg.train.replay_ratio == 0.25
+    assert cfg.train.patience == FINETUNE_DEFAULTS["patience"] and cfg.train.replay_ratio == 0.5
     assert cfg.train.replay_corpus == load(tiny_checkpoint).config["corpus"]["spec"]
 
 
