@@ -1,4 +1,4 @@
-"""What int8 costs in quality: perplexity on a corpus split and greedy replies, float32 vs int8.
+"""What int8 (and bf16) cost in quality: perplexity on a corpus split and greedy replies against float32.
 
     python bench/quant_quality.py --checkpoint runs/chitchat          # the chitchat test split
     python bench/quant_quality.py --checkpoint DIR --max-pairs 1000   # quicker
@@ -15,6 +15,8 @@ computes it. Four ways:
 - fast int8, float encoder: the int8 step on rows from the float32 encoder (what a server
   that encodes with `model.inference.encode_sources` and steps with `make_step(model, "int8")`
   runs);
+- fast bf16 (where the CPU has native bf16): `FastDecoder(model, quantize="bf16")`, the
+  step's matrices bf16, the encoder float32;
 - torch.ao int8: `quantize_dynamic_int8(model)` (Linear and LSTM modules, encoder
   included; the tied output layer stays float32) through `evaluate_loss`.
 
@@ -38,7 +40,7 @@ from model.data import Example, collate, make_batches
 from model.decoding import DecodeOptions
 from model.device import available_cores
 from model.evaluation import evaluate_loss
-from model.fastpath import FastDecoder
+from model.fastpath import FastDecoder, bf16_available
 from model.quantize import quantize_dynamic_int8
 from model.training import prepare_corpus
 
@@ -86,7 +88,7 @@ def main() -> None:
     examples = {"train": data.train, "valid": data.valid, "test": data.test}[args.split]
     if args.max_pairs:
         examples = examples[: args.max_pairs]
-    print(f"# int8 quality: {args.checkpoint} (step {ckpt.metrics.get('step')}), {args.corpus} "
+    print(f"# quantization quality: {args.checkpoint} (step {ckpt.metrics.get('step')}), {args.corpus} "
           f"{args.split} split, {len(examples)} pairs")
     print(f"# {machine_line()}\n")
 
@@ -97,7 +99,11 @@ def main() -> None:
     start = time.perf_counter()
     ref = evaluate_loss(model, ckpt.tokenizer, examples)
     rows.append(["reference float32", ref.perplexity, ref.loss, 0.0, time.perf_counter() - start])
-    for name, dec in (("fast float32", fast), ("fast int8", int8), ("fast int8, float encoder", mixed)):
+    decoders = [("fast float32", fast), ("fast int8", int8), ("fast int8, float encoder", mixed)]
+    bf16 = FastDecoder(model, quantize="bf16") if bf16_available() else None
+    if bf16 is not None:  # CHATBOT_QUANTIZE=bf16: bf16 step, float32 encoder
+        decoders.append(("fast bf16", bf16))
+    for name, dec in decoders:
         start = time.perf_counter()
         nll, n = step_loss(dec, examples)
         ppl = math.exp(nll / n)
@@ -117,6 +123,11 @@ def main() -> None:
     same = sum(x == y for x, y in zip(a, b, strict=True))
     print(f"\ngreedy replies identical between float32 and int8: {same}/{len(sources)} "
           f"({100 * same / max(len(sources), 1):.1f}%)")
+    if bf16 is not None:
+        c = [h[0].tokens for h in bf16.decode_sources(sources, opts)]
+        same16 = sum(x == y for x, y in zip(a, c, strict=True))
+        print(f"greedy replies identical between float32 and bf16: {same16}/{len(sources)} "
+              f"({100 * same16 / max(len(sources), 1):.1f}%)")
     for src, x, y in list(zip(sources, a, b, strict=True))[:5]:
         print(f"  {ckpt.tokenizer.decode(src)[-60:]!r}\n    f32:  {ckpt.tokenizer.decode(x)!r}\n"
               f"    int8: {ckpt.tokenizer.decode(y)!r}")

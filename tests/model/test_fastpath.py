@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
-from model.fastpath import FastDecoder, make_step
+from model.fastpath import Bf16Linear, FastDecoder, bf16_available, make_step
 from model.inference import DecoderRows, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.quantize import Int8Linear, quantize_dynamic_int8
@@ -199,3 +199,42 @@ def test_torch_ao_quantized_copy_decodes_and_leaves_the_model_alone(trained) -> 
     opts = DecodeOptions(strategy="greedy", max_length=16)
     reference = decode_sources(ckpt.model, sources, opts)
     assert hyp_tokens(decode_sources(q, sources, opts)) == hyp_tokens(reference)
+
+
+def test_bf16_products_are_close_and_a_row_is_the_same_alone_or_among_others() -> None:
+    torch.manual_seed(11)
+    weight, bias = torch.randn(96, 40) * 0.1, torch.randn(96)
+    if not bf16_available():  # refused, with the reason, where the CPU has no native bf16
+        with pytest.raises(ValueError, match="native bf16"):
+            FastDecoder(random_model(1), quantize="bf16")
+        return
+    lin = Bf16Linear(weight, bias)
+    x = torch.randn(37, 40)
+    out = lin(x)
+    assert out.dtype == torch.float32 and out.shape == (37, 96)
+    ref = x @ weight.T + bias
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    for rows in (1, 5, 16, 17, 37):  # oneDNN's bf16 kernels differ with the row count; ours must not
+        assert torch.equal(lin(x[:rows]), out[:rows])
+        assert torch.equal(lin(x[rows - 1:rows]), out[rows - 1:rows])
+    assert lin.nbytes == 2 * 96 * 41
+
+
+def test_bf16_step_keeps_the_trained_replies_and_decodes_a_batch_as_each_alone(trained) -> None:
+    ckpt, sources = trained
+    if not bf16_available():
+        with pytest.raises(ValueError, match="native bf16"):
+            FastDecoder(ckpt.model, quantize="bf16")
+        return
+    f32, b16 = FastDecoder(ckpt.model), FastDecoder(ckpt.model, quantize="bf16")
+    assert b16.matrix_bytes() < f32.matrix_bytes() / 1.9
+    opts = DecodeOptions(strategy="greedy", max_length=16)
+    batched = b16.decode_sources(sources, opts)
+    for src, hyps in zip(sources, batched, strict=True):
+        assert hyp_tokens(b16.decode_sources([src], opts)) == hyp_tokens([hyps])
+    beam = DecodeOptions(strategy="beam", beam_size=3, n_best=3, max_length=16)
+    together = b16.decode_sources(sources, beam)
+    assert hyp_tokens(b16.decode_sources(sources[:1], beam)) == hyp_tokens(together[:1])
+    same = sum(x == y for x, y in zip(hyp_tokens(batched), hyp_tokens(f32.decode_sources(sources, opts)),
+                                      strict=True))
+    assert same >= len(sources) // 2  # near ties may flip a token here and there, not most replies
