@@ -40,7 +40,8 @@ from model.data import Example, collate, make_batches
 from model.decoding import DecodeOptions
 from model.device import available_cores
 from model.evaluation import evaluate_loss
-from model.fastpath import FastDecoder, bf16_available
+from model.fastpath import FastDecoder
+from model.precision import cpu_bf16_native
 from model.quantize import quantize_dynamic_int8
 from model.training import prepare_corpus
 
@@ -100,7 +101,7 @@ def main() -> None:
     ref = evaluate_loss(model, ckpt.tokenizer, examples)
     rows.append(["reference float32", ref.perplexity, ref.loss, 0.0, time.perf_counter() - start])
     decoders = [("fast float32", fast), ("fast int8", int8), ("fast int8, float encoder", mixed)]
-    bf16 = FastDecoder(model, quantize="bf16") if bf16_available() else None
+    bf16 = FastDecoder(model, quantize="bf16") if cpu_bf16_native() else None
     if bf16 is not None:  # CHATBOT_QUANTIZE=bf16: bf16 step, float32 encoder
         decoders.append(("fast bf16", bf16))
     for name, dec in decoders:

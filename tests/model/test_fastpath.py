@@ -7,9 +7,10 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
-from model.fastpath import Bf16Linear, FastDecoder, bf16_available, make_step
+from model.fastpath import Bf16Linear, FastDecoder, make_step
 from model.inference import DecoderRows, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
+from model.precision import cpu_bf16_native
 from model.quantize import Int8Linear, quantize_dynamic_int8
 from model.tokenizer import BOS_ID
 
@@ -204,7 +205,7 @@ def test_torch_ao_quantized_copy_decodes_and_leaves_the_model_alone(trained) -> 
 def test_bf16_products_are_close_and_a_row_is_the_same_alone_or_among_others() -> None:
     torch.manual_seed(11)
     weight, bias = torch.randn(96, 40) * 0.1, torch.randn(96)
-    if not bf16_available():  # refused, with the reason, where the CPU has no native bf16
+    if not cpu_bf16_native():  # refused, with the reason, where the CPU has no native bf16
         with pytest.raises(ValueError, match="native bf16"):
             FastDecoder(random_model(1), quantize="bf16")
         return
@@ -222,7 +223,7 @@ def test_bf16_products_are_close_and_a_row_is_the_same_alone_or_among_others() -
 
 def test_bf16_step_keeps_the_trained_replies_and_decodes_a_batch_as_each_alone(trained) -> None:
     ckpt, sources = trained
-    if not bf16_available():
+    if not cpu_bf16_native():
         with pytest.raises(ValueError, match="native bf16"):
             FastDecoder(ckpt.model, quantize="bf16")
         return
