@@ -70,6 +70,9 @@ def serve(checkpoint: Path | None = None, host: str | None = None, port: int | N
             hint = " (the shipped model is missing: pass --checkpoint DIR or set CHATBOT_CHECKPOINT)"
         print(f"chatbot serve: error: cannot load checkpoint {path}: {exc}{hint}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a setting this machine cannot serve (e.g. bf16 without native bf16)
+        print(f"chatbot serve: error: {exc}", file=sys.stderr)
+        return 2
     log.info("serving %s from %s on http://%s:%d (API key %s)", engine.name, path, settings.host,
              settings.port, "required" if settings.api_key else "not set")
     app = create_app(settings, engine=engine)

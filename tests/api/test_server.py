@@ -108,3 +108,16 @@ def test_the_http_process_never_imports_torch() -> None:
                          env={**os.environ, "CHATBOT_MODEL_PROCESS": "true"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_serve_refuses_bf16_on_a_cpu_without_it_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                           tiny_checkpoint: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import model.fastpath
+
+    monkeypatch.setattr(model.fastpath, "cpu_bf16_native", lambda: False)  # as on an AVX2-only CPU
+    monkeypatch.setenv("CHATBOT_MODEL_PROCESS", "false")
+    monkeypatch.setenv("CHATBOT_QUANTIZE", "bf16")
+    assert serve(checkpoint=tiny_checkpoint, host=None, port=None) == 2
+    err = capsys.readouterr().err
+    assert "native bf16" in err and "Traceback" not in err
