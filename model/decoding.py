@@ -381,8 +381,17 @@ class BeamSearch(Search):
     Each step takes the top 2K of the K*V continuations of every item: those ending
     in end-of-sequence among the first K are finished, the best K others go on (so an
     item always keeps K live beams). An item is done when it has K finished
-    hypotheses or reaches max_length; its n_best best (by GNMT-normalised score) are
-    returned, best first. The K beams of an item always have the same length.
+    hypotheses, reaches max_length, or (`early_stopping`, the default) is settled: it has
+    n_best finished hypotheses and the n_best-th best of them scores at least as well as
+    its best live beam would if it ended at the next step (live log-prob / length penalty
+    at its length + 1). Log-probs only fall, so with no length penalty (alpha 0) no live
+    beam could ever beat a settled item's n_best and the rule is exact; with alpha > 0 a
+    much longer ending could still win through the penalty's bonus, which the rule
+    accepts (Hugging Face's `early_stopping=False` heuristic; the shipped model's default
+    reply was the same on 58 of 60 dev prompts, in about half the steps). Every finished
+    hypothesis an item has (up to K, by GNMT-normalised score, best first) is returned,
+    so a reply filter has the others to fall back on. The K beams of an item always have
+    the same length.
     """
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -393,12 +402,15 @@ class BeamSearch(Search):
         self.logprob[:, 1:] = float("-inf")
         self.logprob = self.logprob.view(-1)
         self.results: dict[Hashable, list[Hypothesis]] = {i: [] for i in self.ids}
+        # Items with n_best finished: the n_best-th best score, which a live beam must beat.
+        self.settled: dict[Hashable, float] = {}
 
     @classmethod
     def concatenate(cls, searches: list[Search]) -> Search:
         out = super().concatenate(searches)
         assert isinstance(out, BeamSearch)
         out.results = {k: v for s in searches for k, v in s.results.items()}  # type: ignore[attr-defined]
+        out.settled = {k: v for s in searches for k, v in s.settled.items()}  # type: ignore[attr-defined]
         return out
 
     def drop(self, ids: Collection[Hashable]) -> Tensor:
@@ -406,6 +418,7 @@ class BeamSearch(Search):
         index = super().drop(ids)
         for i in ids:
             self.results.pop(i, None)
+            self.settled.pop(i, None)
         return index
 
     def advance(self, logp: Tensor, *, inplace: bool = False) -> StepResult:
@@ -452,13 +465,16 @@ class BeamSearch(Search):
         if finalized:  # only now can an item have reached K finished hypotheses
             counts = torch.tensor([len(self.results[i]) for i in self.ids], device=device)
             item_done |= counts >= K
+        if self.settled and self.opts.early_stopping:
+            item_done |= self._settled_beyond_reach(sel_s[:, 0])
         done = item_done.nonzero()[:, 0].tolist()
         if not done:
             return StepResult(finished=[], reorder=flat_rows, tokens=sel_tok)
         finished = []
         for b in done:
+            self.settled.pop(self.ids[b], None)
             hyps = sorted(self.results.pop(self.ids[b]), key=lambda h: h.score, reverse=True)
-            finished.append((self.ids[b], hyps[: self.opts.n_best]))
+            finished.append((self.ids[b], hyps[:K]))
         kept = self._keep_items(~item_done, _arange(B * K, device).view(B, K))
         self._select_rows(kept)
         return StepResult(finished=finished, reorder=flat_rows.index_select(0, kept), tokens=sel_tok)
@@ -477,6 +493,20 @@ class BeamSearch(Search):
             if not ended:
                 seq.append(toks[b][j])
             self.results[self.ids[b]].append(self._hypothesis(seq, scores[b][j], ended))
+        n = self.opts.n_best
+        for b in {b for b, _ in pairs}:
+            found = self.results[self.ids[b]]
+            if len(found) >= n:
+                self.settled[self.ids[b]] = sorted((h.score for h in found), reverse=True)[n - 1]
+
+    def _settled_beyond_reach(self, best_live: Tensor) -> Tensor:
+        """(B,) items whose n_best-th finished score is at least what their best live beam
+        (log-prob `best_live`, (B,)) would score ending at the next step."""
+        B, K = len(self.ids), self.K
+        next_length = (self.lengths.view(B, K)[:, 0] + 1).to(best_live.dtype)
+        reach = best_live / length_penalty(next_length, self.opts.length_penalty)
+        need = torch.tensor([self.settled.get(i, float("-inf")) for i in self.ids], device=best_live.device)
+        return need >= reach
 
 
 def make_search(ids: list[Hashable], opts: DecodeOptions, device: torch.device | str = "cpu",

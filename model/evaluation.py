@@ -142,7 +142,7 @@ def named_settings(has_reverse: bool, max_length: int = 40) -> dict[str, DecodeO
     common = {"max_length": max_length, "min_length": 2, "no_repeat_ngram_size": DEFAULT_NO_REPEAT_NGRAM_SIZE}
     rerank = "mmi" if has_reverse else "likelihood"
     return {
-        "beam5": DecodeOptions(strategy="beam", beam_size=5, n_best=5, **common),
+        "beam5": DecodeOptions(strategy="beam", beam_size=5, n_best=1, **common),
         f"sample16_{rerank}": DecodeOptions(strategy="sample", n_best=16, temperature=0.7, top_p=0.9,
                                             rerank=rerank, mmi_weight=1.0, **common),
         f"beam10_{rerank}": DecodeOptions(strategy="beam", beam_size=10, n_best=10, rerank=rerank,

@@ -18,11 +18,14 @@ DEFAULT_NO_REPEAT_NGRAM_SIZE = 3  # greedy LSTMs love "cooking, cooking, cooking
 class DecodeOptions:
     strategy: str = "greedy"
     beam_size: int = 4
-    n_best: int = 1  # beam: how many finished hypotheses to return; sample: how many samples
+    # beam: how many finished hypotheses the search must settle before an item may stop early
+    # (it returns every finished one it has, best first, up to beam_size); sample: how many samples
+    n_best: int = 1
     max_length: int = 40
     min_length: int = 1
     length_penalty: float = DEFAULT_LENGTH_PENALTY  # GNMT alpha; 0 disables
     no_repeat_ngram_size: int = 0  # 0: no ban (replies use DEFAULT_NO_REPEAT_NGRAM_SIZE)
+    early_stopping: bool = True  # beam: stop an item once no live beam can beat its n_best (BeamSearch)
     temperature: float = 1.0
     top_p: float = 1.0
     # How the reply is chosen among the candidates (model/rerank.py). Not compared: requests that

@@ -106,12 +106,15 @@ def search_options(strategy: str, *, max_length: int, length_penalty: float, no_
                    rerank: dict[str, Any]) -> DecodeOptions:
     """The search a request asks for, for both APIs. Fields a strategy ignores are normalised,
     so that requests that decode alike share one search in the engine: beam search returns
-    every finished beam (the route keeps the n best distinct ones), sampling at least n."""
+    every finished beam (the route keeps the n best distinct ones), sampling at least n. Beam
+    search settles the n best it is asked for and stops there (model/decoding.py BeamSearch),
+    except for MMI, which reranks all the beams: it waits for every one to finish."""
     common = {"max_length": max_length, "min_length": min(2, max_length), "length_penalty": length_penalty,
               "no_repeat_ngram_size": no_repeat_ngram_size, **rerank}
     if strategy == "beam":
         width = max(beam_size, n_best)
-        return DecodeOptions(strategy="beam", beam_size=width, n_best=width, **common)
+        settle = width if rerank.get("rerank") == "mmi" else n_best
+        return DecodeOptions(strategy="beam", beam_size=width, n_best=settle, **common)
     if strategy == "sample":
         return DecodeOptions(strategy="sample", beam_size=1, n_best=max(samples, n_best),
                              temperature=temperature, top_p=max(top_p, MIN_TOP_P), **common)

@@ -16,11 +16,22 @@ from .conftest import PROMPTS, Gate, complete, reference, serving
 pytestmark = pytest.mark.anyio
 
 
-GREEDY = {"strategy": "greedy"}  # the default is sampling with reranking (test_rerank_api.py)
+GREEDY = {"strategy": "greedy"}  # the default is beam search (test_rerank_api.py)
 
 
 def _opts(**body):  # type: ignore[no-untyped-def]
     return decode_options(ChatRequest(**{"message": "x", **GREEDY, **body}))
+
+
+def test_beam_search_settles_the_candidates_asked_for_and_every_beam_for_mmi() -> None:
+    """A beam request may stop once its n best are settled (model/decoding.py BeamSearch); MMI
+    reranks every beam, so it waits for all of them."""
+    plain = decode_options(ChatRequest(message="x"), {"rerank": "likelihood", "mmi_weight": 0.5})
+    assert (plain.strategy, plain.beam_size, plain.n_best, plain.early_stopping) == ("beam", 5, 1, True)
+    three = decode_options(ChatRequest(message="x", n_best=3))
+    assert (three.beam_size, three.n_best) == (5, 3)
+    mmi = decode_options(ChatRequest(message="x"), {"rerank": "mmi", "mmi_weight": 0.5})
+    assert (mmi.beam_size, mmi.n_best) == (5, 5)
 
 
 async def test_greedy_reply_is_the_models_reply(client: httpx.AsyncClient, ckpt: Checkpoint) -> None:

@@ -110,11 +110,10 @@ def test_beam_size_one_equals_greedy(tiny_model: Seq2Seq) -> None:
     assert [g[0].tokens for g in greedy] == [b[0].tokens for b in beam1]
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
-def test_batched_decoding_equals_single_decodes(tiny_model: Seq2Seq, strategy: str) -> None:
+@pytest.mark.parametrize("strategy,n_best", [("greedy", 1), ("beam", 3), ("beam", 1)])
+def test_batched_decoding_equals_single_decodes(tiny_model: Seq2Seq, strategy: str, n_best: int) -> None:
     srcs = sources(10, tiny_model.cfg.vocab_size, seed=3)
-    opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=3 if strategy == "beam" else 1,
-                         max_length=9, no_repeat_ngram_size=2)
+    opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=n_best, max_length=9, no_repeat_ngram_size=2)
     together = decode_sources(tiny_model, srcs, opts)
     for src, hyps in zip(srcs, together, strict=True):
         alone = decode_sources(tiny_model, [src], opts)[0]
@@ -134,6 +133,58 @@ def test_nbest_lists_are_sorted_and_distinct(tiny_model: Seq2Seq) -> None:
 
 def _table(seed: int = 0) -> torch.Tensor:
     return torch.randn(V, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _counted(table: torch.Tensor, opts: DecodeOptions) -> tuple[list[Hypothesis], int]:
+    """One item's hypotheses under the bigram model, and the decoder steps the search took."""
+    steps = 0
+    inner = bigram_step(table)
+
+    def step(tokens: torch.Tensor, state: torch.Tensor):
+        nonlocal steps
+        steps += 1
+        return inner(tokens, state)
+    hyps = decode(step, torch.zeros(1, 1), lambda s, i: s.index_select(0, i), batch_size=1, opts=opts)[0]
+    return hyps, steps
+
+
+@pytest.mark.parametrize("n_best", [1, 2])
+def test_early_stopping_settles_the_n_best_of_the_full_search_in_fewer_steps(n_best: int) -> None:
+    """With no length penalty the rule is exact: a settled item's n best are those the search
+    run to K finished hypotheses finds, and it gets there in fewer steps."""
+    full = DecodeOptions(strategy="beam", beam_size=4, n_best=n_best, max_length=14, length_penalty=0.0,
+                         early_stopping=False)
+    early = DecodeOptions(**{**full.__dict__, "early_stopping": True})
+    saved = 0
+    for seed in range(12):
+        table = _table(seed)
+        table[:, EOS_ID] -= 2.0  # replies of a few tokens, so that the beams finish apart
+        want, full_steps = _counted(table, full)
+        got, early_steps = _counted(table, early)
+        assert len(got) >= n_best
+        assert [h.tokens for h in got[:n_best]] == [h.tokens for h in want[:n_best]]
+        assert early_steps <= full_steps
+        saved += full_steps - early_steps
+    assert saved > 0
+
+
+def test_early_stopping_stops_when_the_best_live_beam_cannot_catch_up() -> None:
+    """The rule by hand, with a length penalty: the reply "" (EOS at once, p 0.3) is settled as
+    soon as the best live beam, ending at the next step, would score below it."""
+    table = torch.full((V, V), -30.0)
+    table[BOS_ID, EOS_ID], table[BOS_ID, 7] = math.log(0.3), math.log(0.7)
+    table[7] = 0.0  # after "7" every token is as likely as any other: 1/V each
+    opts = DecodeOptions(strategy="beam", beam_size=2, n_best=1, max_length=10, length_penalty=0.6)
+    hyps, steps = _counted(table, opts)
+    best = math.log(0.3) / length_penalty(1.0, 0.6)
+    assert hyps[0].tokens == [] and hyps[0].score == pytest.approx(best)
+    # After step 1 the live "7" could still end at length 2 with a better score: go on.
+    assert best < math.log(0.7) / length_penalty(2.0, 0.6)
+    # After step 2 its best continuation, ending at length 3, cannot: stop.
+    assert best >= (math.log(0.7) - math.log(V)) / length_penalty(3.0, 0.6)
+    assert steps == 2
+    _, full_steps = _counted(table, DecodeOptions(**{**opts.__dict__, "early_stopping": False}))
+    assert full_steps > 2
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
@@ -215,12 +266,11 @@ def _drive(search, step, state, results, on_step=None, steps=None):
     return state
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
-def test_items_joining_a_running_search_decode_as_if_alone(strategy: str) -> None:
+@pytest.mark.parametrize("strategy,n_best", [("greedy", 1), ("beam", 3), ("beam", 1)])
+def test_items_joining_a_running_search_decode_as_if_alone(strategy: str, n_best: int) -> None:
     """What the server's continuous batching relies on: concatenate mid-way, same results."""
     table = _table(10)
-    opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=3 if strategy == "beam" else 1,
-                         max_length=8, no_repeat_ngram_size=2)
+    opts = DecodeOptions(strategy=strategy, beam_size=3, n_best=n_best, max_length=8, no_repeat_ngram_size=2)
     step = bigram_step(table)
     alone = run(table, 1, opts)[0]
     first = make_search(["a"], opts)
