@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .errors import error_responses, install_error_handlers
+from .error_responses import error_responses, install_error_handlers
 from .factory import build_engine
 from .jobs import Engine
 from .metrics import Metrics, MetricsMiddleware

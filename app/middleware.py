@@ -13,13 +13,14 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors
+from . import error_responses
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 async def send_error(send: Send, status: int, message: str, code: str) -> None:
-    await errors.send_error(send, status, message, "invalid_request_error", code, {"Connection": "close"})
+    await error_responses.send_error(send, status, message, "invalid_request_error", code,
+                                     {"Connection": "close"})
 
 
 def _is_json(content_type: str | None) -> bool:

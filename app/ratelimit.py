@@ -32,7 +32,7 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import send_error
+from .error_responses import send_error
 
 LIMITED_PREFIXES = ("/api/", "/v1/")
 

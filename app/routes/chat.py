@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from model.options import DecodeOptions
 
-from ..errors import error_responses
+from ..error_responses import error_responses
 from ..schemas import Candidate, ChatRequest, ChatResponse, Usage
 from .common import (
     EngineDep,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import NotReady, error_responses
+from ..error_responses import error_responses
+from ..errors import NotReady
 from ..schemas import Health, ModelInfo, Ready
 from .common import EngineDep
 

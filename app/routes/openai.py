@@ -25,7 +25,8 @@ from fastapi.responses import StreamingResponse
 
 from model.options import DEFAULT_LENGTH_PENALTY, DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 
-from ..errors import NotFound, ServiceError, error_responses, status_of
+from ..error_responses import error_responses
+from ..errors import NotFound, ServiceError, status_of
 from ..jobs import Completion, Engine, Ticket
 from ..reply_filter import ReplyFilter
 from ..schemas import (
