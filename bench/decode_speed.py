@@ -38,7 +38,7 @@ from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.decoding import DecodeOptions
 from model.device import available_cores
-from model.fastpath import DenseLinear, FastDecoder, Linear
+from model.fastpath import FastDecoder, Linear
 from model.inference import collate_sources, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
 
@@ -62,7 +62,7 @@ def gemm_time(fd: FastDecoder, R: int, repeats: int, seconds: float = 0.1) -> fl
         mats.append(fd.bottleneck)
 
     def inputs(m: Linear) -> Tensor:
-        k = m.weight_t.shape[0] if isinstance(m, DenseLinear) else m.in_features
+        k = m.in_features
         return torch.randn(R, k)
 
     xs = [inputs(m) for m in mats]

@@ -39,7 +39,8 @@ recompiling on every new (rows, source length) shape.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -54,6 +55,10 @@ from .rerank import rerank_batch
 
 QUANTIZE_MODES = (None, "int8", "bf16")
 BF16_BLOCK_ROWS = 16  # a bf16 product always runs on blocks of this many rows (see Bf16Linear)
+# oneDNN compiles a kernel for every row count it meets, about 0.5 MiB each whatever the
+# matrix (five decoder matrices over 40 row counts: 100 MiB): products of two rows or more run on
+# a multiple of this many rows (zeros added), so a server meets a few row counts, not every one.
+PACKED_ROW_MULTIPLE = 8
 
 
 def _onednn_pack(weight: Tensor) -> Tensor | None:
@@ -69,31 +74,67 @@ def _onednn_pack(weight: Tensor) -> Tensor | None:
 
 
 class DenseLinear:
-    """y = x @ W^T + b with W^T stored contiguous: the layout `addmm` reads fastest at small batch.
+    """y = x @ W^T + b in float32, in the layout each row count reads fastest.
 
-    With `pack=True` (the LSTM gate matrices, the largest), a second copy in oneDNN's
-    blocked layout serves two rows or more: MKL's sgemm repacks the whole weight on every
-    call once there are two rows (a single row is a GEMV and reads it once), which made a
-    5-row beam step cost 1.6x a 1-row one; the prepacked oneDNN product measured about 40%
-    faster at 3-8 rows and 10-15% at 64-320 (2 threads), and ran within 1e-6 relative of it.
+    oneDNN's blocked layout (prepacked once) serves two rows or more: MKL's sgemm repacks the
+    whole weight on every call once there are two rows, which made a 5-row beam step cost 1.6x
+    a 1-row one; prepacked, every decoder matrix ran 1.2-2.2x faster at 2-64 rows (AMD EPYC, 1
+    thread; on a Xeon about 40% at 3-8 rows and 10-15% at 64-320). A single row is a GEMV: W^T
+    stored contiguous for `addmm` read it fastest on one machine, the blocked layout on another
+    (the gate matrices 1.3-1.5x, the output layer the same), so the two are timed here on the
+    machine at hand, and W^T is kept only where it wins: one copy of each matrix, not two,
+    where it does not. Without oneDNN, W^T alone. Results agree within 1e-6 relative.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool = False) -> None:
-        self.weight_t = weight.detach().t().contiguous()  # (in, out)
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool = True) -> None:
+        self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packed = _onednn_pack(weight) if pack and bias is not None else None
+        self.weight_t: Tensor | None = weight.detach().t().contiguous()  # (in, out)
+        self.packed = _onednn_pack(weight) if pack else None
+        if self.packed is not None and not self._transposed_wins_one_row():
+            self.weight_t = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None and x.shape[0] > 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.shape[0]
+        if self.packed is not None and (rows > 1 or self.weight_t is None):
+            pad = -rows % PACKED_ROW_MULTIPLE if rows > 1 else 0
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return y[:rows] if pad else y
         if self.bias is None:
             return torch.mm(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
 
+    def _transposed_wins_one_row(self) -> bool:
+        """Whether `addmm` over W^T beats the blocked layout by more than 5% on one row (best of
+        3 rounds of 20 calls each)."""
+        x = torch.randn(1, self.in_features, device=self.weight_t.device)  # type: ignore[union-attr]
+        packed, transposed = self.packed, self.weight_t
+        with torch.inference_mode():
+            self.weight_t = None
+            t_packed = _best_time(lambda: self(x))
+            self.packed, self.weight_t = None, transposed
+            t_transposed = _best_time(lambda: self(x))
+            self.packed = packed
+        return t_transposed * 1.05 < t_packed
+
     @property
     def nbytes(self) -> int:
-        n = self.weight_t.numel() * self.weight_t.element_size()
+        """Bytes one product reads: the weight once, in whichever layout serves it, and the bias."""
+        n = self.out_features * self.in_features * 4
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+def _best_time(fn: Callable[[], object], rounds: int = 3, calls: int = 20) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class Bf16Linear:
@@ -149,12 +190,12 @@ class FastDecoder:
         cfg = model.cfg
         self.L, self.H = cfg.num_layers, cfg.hidden_size
 
-        def make(weight: Tensor, bias: Tensor | None = None, pack: bool = False) -> Linear:
+        def make(weight: Tensor, bias: Tensor | None = None) -> Linear:
             if quantize == "int8":
                 return Int8Linear(weight, bias)
             if quantize == "bf16":
                 return Bf16Linear(weight, bias)
-            return DenseLinear(weight, bias, pack=pack)
+            return DenseLinear(weight, bias)
 
         with torch.no_grad():
             dec = model.decoder
@@ -162,7 +203,7 @@ class FastDecoder:
             for layer in range(self.L):
                 w = torch.cat([getattr(dec, f"weight_ih_l{layer}"), getattr(dec, f"weight_hh_l{layer}")], 1)
                 b = getattr(dec, f"bias_ih_l{layer}") + getattr(dec, f"bias_hh_l{layer}")
-                self.gates.append(make(to_ifog(w, self.H), to_ifog(b, self.H), pack=True))  # (4H, In+H)
+                self.gates.append(make(to_ifog(w, self.H), to_ifog(b, self.H)))  # (4H, In+H)
             self.combine = make(model.combine.weight)  # (H, 2H)
             self.bottleneck: Linear | None = (make(model.bottleneck.weight)
                                               if isinstance(model.bottleneck, torch.nn.Linear) else None)
