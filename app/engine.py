@@ -42,6 +42,7 @@ from model.checkpoint import Checkpoint
 from model.decoding import DecodeOptions
 from model.rerank import RerankItem, rerank
 
+from . import allocator
 from .batching import BatchItem, EncodeFn, RunningBatch, StepFn, Waiting, default_encode, gather_rows
 from .errors import DeadlineExceeded, EngineFailure, NotReady, Overloaded, ServiceError
 from .jobs import Completion, EngineConfig, JobSink, LoopSink, Ticket
@@ -61,8 +62,8 @@ def describe(ck: Checkpoint) -> dict[str, Any]:
             **ck.model.cfg.__dict__},
         "training": training, "metrics": dict(ck.metrics),
         "reverse": None if ck.reverse is None else {
-            "name": ck.reverse.name, "parameters": ck.reverse.model.num_parameters(),
-            "architecture": dict(ck.reverse.model.cfg.__dict__), "metrics": dict(ck.reverse.metrics),
+            "name": ck.reverse.name, "parameters": ck.reverse.num_parameters,
+            "architecture": dict(ck.reverse.cfg.__dict__), "metrics": dict(ck.reverse.metrics),
             "purpose": "log p(message | reply) for rerank 'mmi'"},
     }
 
@@ -120,7 +121,7 @@ class ChatEngine(ServedModel):
                  metrics: Metrics | None = None) -> None:
         super().__init__(checkpoint.name, checkpoint.tokenizer, checkpoint.model.cfg, describe(checkpoint))
         self.model = checkpoint.model.eval()
-        self.reverse = checkpoint.reverse.model.eval() if checkpoint.reverse is not None else None
+        self.reverse = checkpoint.reverse  # its weights are read when the first MMI request ends
         self.config = config or EngineConfig()
         self.metrics = metrics
         self.device = next(self.model.parameters()).device
@@ -315,6 +316,7 @@ class ChatEngine(ServedModel):
         batch.add([BatchItem(id="warmup", source=[5, 6], opts=DecodeOptions(max_length=2))])
         while len(batch):
             batch.step()
+        allocator.trim()  # what loading the weights left free in the heap goes back
 
     def _take_encoded(self, rows: int) -> list[Waiting[Job]]:
         """Pop encoded jobs while their rows fit next to `rows` live ones (lock held; lists only,
@@ -372,8 +374,10 @@ class ChatEngine(ServedModel):
             return
         finished = [jobs.pop(job_id) for job_id, _ in out.finished]  # type: ignore[arg-type]
         # one reverse-model pass for every candidate of every request this step finished
-        ranked = rerank([RerankItem(job.source, hyps, job.opts)
-                         for job, (_, hyps) in zip(finished, out.finished, strict=True)], self.reverse)
+        items = [RerankItem(job.source, hyps, job.opts)
+                 for job, (_, hyps) in zip(finished, out.finished, strict=True)]
+        mmi = self.reverse is not None and any(item.opts.rerank == "mmi" for item in items)
+        ranked = rerank(items, self.reverse.model if mmi else None)  # type: ignore[union-attr]
         for job, hyps in zip(finished, ranked, strict=True):
             if self.metrics:
                 self.metrics.tokens.inc(sum(len(h.tokens) for h in hyps))

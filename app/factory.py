@@ -37,8 +37,10 @@ def load_engine(spec: ModelSpec, metrics: Metrics | None = None) -> ChatEngine:
     from model.device import pick_device
     from model.fastpath import FastDecoder
 
+    from . import allocator
     from .engine import ChatEngine
 
+    allocator.fix_mmap_threshold()
     checkpoint = load_checkpoint(spec.checkpoint, device=pick_device(spec.device))
     if not spec.fast_decoder and spec.quantize == "none":
         return ChatEngine(checkpoint, spec.engine, metrics=metrics)

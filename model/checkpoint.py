@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .checkpoint_meta import (  # noqa: F401  (CheckpointError, FILES, shipped_checkpoint_path: this module's API too)
@@ -29,6 +31,7 @@ from .checkpoint_meta import (  # noqa: F401  (CheckpointError, FILES, shipped_c
     read_meta,
     shipped_checkpoint_path,
 )
+from .config import ModelConfig
 from .network import Seq2Seq
 from .tokenizer import Tokenizer
 
@@ -40,7 +43,7 @@ class Checkpoint:
     config: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-    reverse: Checkpoint | None = None  # the reverse model MMI reranking scores with, if shipped
+    reverse: Reverse | None = None  # the reverse model MMI reranking scores with, if shipped
 
     @property
     def name(self) -> str:
@@ -119,20 +122,57 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -
             raise CheckpointError(f"{weights}: {k} holds NaN or infinite values")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     model.to(device).eval()
-    reverse = _load_reverse(directory, tokenizer, device) if (directory / REVERSE_DIR).is_dir() else None
+    reverse = Reverse(directory, tokenizer, device) if (directory / REVERSE_DIR).is_dir() else None
     return Checkpoint(model=model, tokenizer=tokenizer, config=meta.config, metrics=meta.metrics,
                       path=directory, reverse=reverse)
 
 
-def _load_reverse(directory: Path, tokenizer: Tokenizer, device: torch.device | str) -> Checkpoint:
-    """The reverse model in `directory/reverse/`: trained with `--reverse`, on the same tokenizer
-    (its scores are of the forward model's token ids)."""
-    path = directory / REVERSE_DIR
-    reverse = load_checkpoint(path, device)
-    if reverse.reverse is not None:
-        raise CheckpointError(f"{path}: a reverse model cannot hold a reverse model of its own")
-    if not (reverse.config.get("training") or {}).get("reverse"):
-        raise CheckpointError(f"{path / 'config.json'}: not a reverse model (trained without --reverse)")
-    if reverse.tokenizer.to_str() != tokenizer.to_str():
-        raise CheckpointError(f"{path / 'tokenizer.json'}: not the forward model's tokenizer")
-    return reverse
+class Reverse:
+    """A checkpoint's reverse model (`directory/reverse/`, trained with `--reverse` on the same
+    tokenizer: its scores are of the forward model's token ids). Its files are checked at once;
+    its weights are read on first use of `model`: it only scores candidates for rerank "mmi", so
+    a server that never reranks by MMI never holds them (39 MiB for the shipped model's)."""
+
+    def __init__(self, directory: Path, tokenizer: Tokenizer, device: torch.device | str) -> None:
+        path = directory / REVERSE_DIR
+        meta = read_meta(path)
+        if (path / REVERSE_DIR).is_dir():
+            raise CheckpointError(f"{path}: a reverse model cannot hold a reverse model of its own")
+        if not (meta.config.get("training") or {}).get("reverse"):
+            raise CheckpointError(f"{path / 'config.json'}: not a reverse model (trained without --reverse)")
+        if meta.tokenizer.to_str() != tokenizer.to_str():
+            raise CheckpointError(f"{path / 'tokenizer.json'}: not the forward model's tokenizer")
+        self.path, self.device, self.meta = path, device, meta
+        self._checkpoint: Checkpoint | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.meta.metrics
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.meta.cfg
+
+    @property
+    def num_parameters(self) -> int:
+        """Counted from the weight file's header: no tensor read (a model built on the "meta"
+        device would do too, but that first use imports 60 MiB of torch)."""
+        with safe_open(self.path / "model.safetensors", framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+    @property
+    def loaded(self) -> bool:
+        return self._checkpoint is not None
+
+    @property
+    def model(self) -> Seq2Seq:
+        """The weights, read (and checked) on the first call from any thread."""
+        with self._lock:
+            if self._checkpoint is None:
+                self._checkpoint = load_checkpoint(self.path, self.device)
+        return self._checkpoint.model

@@ -113,3 +113,25 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path) -> None:
         atomic_write(target, failing)
     assert target.read_text() == '{"old": true}'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_the_reverse_model_is_checked_at_once_and_read_on_first_use(tiny_checkpoint_with_reverse,
+                                                                     tmp_path) -> None:
+    ck = load_checkpoint(tiny_checkpoint_with_reverse)
+    assert ck.reverse is not None and not ck.reverse.loaded
+    want = load_checkpoint(tiny_checkpoint_with_reverse / "reverse").model
+    assert ck.reverse.num_parameters == want.num_parameters() and ck.reverse.cfg == want.cfg
+    assert not ck.reverse.loaded  # describing it reads no weights
+    got = ck.reverse.model
+    assert ck.reverse.loaded and ck.reverse.model is got
+    for a, b in zip(got.state_dict().values(), want.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # a forward model where the reverse one should be, or another tokenizer: refused at load
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint_with_reverse, bad)
+    config = json.loads((bad / "reverse" / "config.json").read_text())
+    config["training"].pop("reverse")
+    (bad / "reverse" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not a reverse model"):
+        load_checkpoint(bad)
