@@ -45,4 +45,7 @@ def load_engine(spec: ModelSpec, metrics: Metrics | None = None) -> ChatEngine:
     if not spec.fast_decoder and spec.quantize == "none":
         return ChatEngine(checkpoint, spec.engine, metrics=metrics)
     fast = FastDecoder(checkpoint.model, quantize=None if spec.quantize == "none" else spec.quantize)
-    return ChatEngine(checkpoint, spec.engine, step=fast.step, encode=fast.encode, metrics=metrics)
+    engine = ChatEngine(checkpoint, spec.engine, step=fast.step, encode=fast.encode, metrics=metrics)
+    if spec.quantize != "int8":
+        fast.release_model_step()  # the engine decodes through `fast` only: one copy of each weight
+    return engine

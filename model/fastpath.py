@@ -298,6 +298,23 @@ class FastDecoder:
                        inplace=True)
         return rerank_batch(sources, found, opts, reverse)
 
+    def release_model_step(self) -> int:
+        """Free the model's own copies of what this step holds (decoder LSTM, combine,
+        bottleneck, an untied output layer: 16.5 MiB at the shipped size) by moving them to the
+        "meta" device; the encoder, embedding and attention keys stay. For a server that decodes
+        through this object only: the model's own `step` can no longer run afterwards. Not for
+        int8, whose torch.ao copy of the model is made from these weights. Returns bytes freed."""
+        if self.quantize == "int8":
+            raise ValueError("the int8 decoder copies the model's weights on first use: keep them")
+        model = self.model
+        modules = [model.decoder, model.combine, model.bottleneck, model.out]
+        params = [p for m in modules if m is not None for p in m.parameters() if p.device.type != "meta"]
+        freed = sum(p.numel() * p.element_size() for p in params)
+        for m in modules:
+            if m is not None:
+                m.to("meta")
+        return freed
+
     def matrix_bytes(self) -> int:
         """Bytes of the weights one step reads (the embedding lookup reads R rows only)."""
         mats: list[Linear] = [*self.gates, self.combine, self.out]

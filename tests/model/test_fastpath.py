@@ -239,3 +239,22 @@ def test_bf16_step_keeps_the_trained_replies_and_decodes_a_batch_as_each_alone(t
     same = sum(x == y for x, y in zip(hyp_tokens(batched), hyp_tokens(f32.decode_sources(sources, opts)),
                                       strict=True))
     assert same >= len(sources) // 2  # near ties may flip a token here and there, not most replies
+
+
+def test_releasing_the_models_step_weights_keeps_the_replies_and_frees_them(trained) -> None:
+    ckpt, sources = trained
+    model = load_checkpoint(ckpt.path).model  # a copy of its own: the fixture's stays whole
+    opts = DecodeOptions(strategy="beam", beam_size=4, n_best=2, max_length=16)
+    fast = FastDecoder(model)
+    before = hyp_tokens(fast.decode_sources(sources, opts))
+    step_bytes = sum(p.numel() * 4 for m in (model.decoder, model.combine, model.bottleneck) for p in m.parameters())
+    assert fast.release_model_step() == step_bytes > 0
+    assert all(p.device.type == "meta" for p in model.decoder.parameters())
+    assert model.embedding.weight.device.type == "cpu"  # the encoder's and the lookup's stay
+    assert hyp_tokens(fast.decode_sources(sources, opts)) == before
+    many = sources * 40  # past what FastEncoder serves: the model's own encoder runs
+    assert hyp_tokens(fast.decode_sources(many, opts))[:len(sources)] == before
+    assert hyp_tokens(fast.decode_sources(sources, DecodeOptions(strategy="greedy", max_length=16))) == \
+        hyp_tokens(decode_sources(ckpt.model, sources, DecodeOptions(strategy="greedy", max_length=16)))
+    with pytest.raises(ValueError, match="int8"):
+        FastDecoder(ckpt.model, quantize="int8").release_model_step()
