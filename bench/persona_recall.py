@@ -1,11 +1,13 @@
 """Does a fine-tuned bot state its persona's facts when asked in words it never trained on?
 
     python bench/persona_recall.py --checkpoint runs/juniper [--checkpoint model/pretrained/chitchat]
+    python bench/persona_recall.py --checkpoint runs/juniper --rerank mmi   # needs runs/juniper/reverse
     python bench/persona_recall.py --quick   # a smoke test: the shipped model, 4 questions
 
 For every line of the held-out file (question TAB regex), the reply the server would give by
-default (beam search, ranked by likelihood, the reply filter applied) and whether it matches
-the regex (case-insensitive). Prints, per checkpoint, the share of replies that state the fact
+default (beam 5, ranked by likelihood, the reply filter applied; with `--rerank mmi`, what
+CHATBOT_RERANK=mmi gives: all five beams reranked with the checkpoint's reverse model) and
+whether it matches the regex (case-insensitive). Prints, per checkpoint, the share of replies that state the fact
 and every reply, as a markdown table (docs/FINETUNE.md).
 """
 
@@ -13,17 +15,21 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import ROOT, machine_line
 
 from app.reply_filter import ReplyFilter
+from app.schemas import DEFAULT_MMI_WEIGHT
 from model.checkpoint import load_checkpoint, shipped_checkpoint_path
 from model.decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 from model.inference import decode_sources
 
-DEFAULT = DecodeOptions(strategy="beam", beam_size=5, n_best=5, min_length=2,
+# as app/routes/common.py search_options asks for a request with only a message: beam 5, which
+# settles its best reply (likelihood) or waits for all five beams (mmi, which reranks them)
+DEFAULT = DecodeOptions(strategy="beam", beam_size=5, n_best=1, min_length=2,
                         no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM_SIZE)
 
 
@@ -32,6 +38,9 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, action="append", help="repeatable (required, but for --quick)")
     p.add_argument("--heldout", type=Path, default=ROOT / "docs" / "persona" / "juniper_heldout.tsv")
     p.add_argument("--threads", type=int, help="torch threads (default 2; --quick: 1)")
+    p.add_argument("--rerank", choices=("likelihood", "mmi"), default="likelihood")
+    p.add_argument("--mmi-weight", type=float, default=DEFAULT_MMI_WEIGHT)
+    p.add_argument("--beam-size", type=int, default=DEFAULT.beam_size)
     p.add_argument("--quick", action="store_true",
                    help="a smoke test: the shipped model (unless --checkpoint), the first 4 questions")
     args = p.parse_args()
@@ -44,12 +53,18 @@ def main() -> None:
     lines = lines[:4] if args.quick else lines
     reply_filter = ReplyFilter.standard()
     replies: dict[str, list[str]] = {}
+    opts = replace(DEFAULT, beam_size=args.beam_size)
+    if args.rerank == "mmi":
+        opts = replace(opts, n_best=opts.beam_size, rerank="mmi", mmi_weight=args.mmi_weight)
     for path in args.checkpoint:
         ckpt = load_checkpoint(path)
+        if opts.rerank == "mmi" and ckpt.reverse is None:
+            p.error(f"{path} has no reverse model (reverse/) to rerank with")
         cfg = ckpt.model.cfg
         sources = [ckpt.tokenizer.encode_context([q], cfg.max_source_len) for q, _ in lines]
         texts = []
-        for hyps in decode_sources(ckpt.model, sources, DEFAULT):
+        reverse = ckpt.reverse.model if opts.rerank == "mmi" else None  # type: ignore[union-attr]
+        for hyps in decode_sources(ckpt.model, sources, opts, reverse=reverse):
             cands = [ckpt.tokenizer.decode(h.tokens) for h in hyps]
             kept = [cands[i] for i in reply_filter.passed(cands)]
             texts.append(kept[0] if kept else reply_filter.fallback)

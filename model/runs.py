@@ -71,6 +71,13 @@ def _prepare(corpus: str, out: Path, config: Path | None, overrides: dict[str, d
     if init is not None:
         ckpt = load_init(init)
         cfg = config_from_init(ckpt, config, overrides)
+        if cfg.train.reverse and ckpt.reverse is not None:
+            # a reverse run starts from the init's own reverse model (the forward model's
+            # weights predict replies, not messages): `--init DIR --reverse --out OUT/reverse`
+            # makes the fine-tuned forward model's MMI partner
+            init = ckpt.reverse.path
+            ckpt = load_init(init)
+            cfg = config_from_init(ckpt, config, overrides)
         tokenizer = ckpt.tokenizer
         start = InitWeights(state=ckpt.model.state_dict(), source=init_description(ckpt, init))
     else:

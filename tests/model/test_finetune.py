@@ -144,3 +144,20 @@ def test_init_may_change_dropout_which_shapes_no_weight(tiny_checkpoint, persona
     ck = load_checkpoint(tmp_path / "x")
     assert ck.model.cfg.dropout == 0.35
     assert ck.model.cfg.hidden_size == load_checkpoint(tiny_checkpoint).model.cfg.hidden_size
+
+
+def test_a_reverse_run_starts_from_the_inits_own_reverse_model(tiny_checkpoint_with_reverse, persona,
+                                                               tmp_path) -> None:
+    init = tiny_checkpoint_with_reverse
+    out = tmp_path / "ft" / "reverse"  # beside a fine-tuned forward model, as its MMI partner
+    run_training(corpus=str(persona), out=out, init=init, progress=False,
+                 overrides={"train": {"reverse": True, "max_steps": 1, "eval_every": 1, "num_threads": 1,
+                                      "learning_rate": 1e-9, "warmup_steps": 0, "precision": "fp32"}})
+    reverse, forward = load_file(init / "reverse" / "model.safetensors"), load_file(init / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert all(torch.allclose(reverse[k], after[k], atol=1e-6) for k in reverse)
+    assert not all(torch.allclose(forward[k], after[k], atol=1e-6) for k in forward)
+    ck = load_checkpoint(out)
+    assert ck.config["init"]["checkpoint"] == str((init / "reverse").resolve())
+    assert ck.config["training"]["reverse"] is True
+    assert ck.config["corpus"]["pairs"]["train"] > 0
