@@ -7,8 +7,8 @@
 For every line of the held-out file (question TAB regex), the reply the server would give by
 default (beam 5, ranked by likelihood, the reply filter applied; with `--rerank mmi`, what
 CHATBOT_RERANK=mmi gives: all five beams reranked with the checkpoint's reverse model) and
-whether it matches the regex (case-insensitive). Prints, per checkpoint, the share of replies that state the fact
-and every reply, as a markdown table (docs/FINETUNE.md).
+whether it matches the regex (case-insensitive). Prints, per checkpoint, the share of replies
+that state the fact and every reply, as a markdown table (docs/FINETUNE.md).
 """
 
 from __future__ import annotations

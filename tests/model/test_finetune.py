@@ -153,7 +153,8 @@ def test_a_reverse_run_starts_from_the_inits_own_reverse_model(tiny_checkpoint_w
     run_training(corpus=str(persona), out=out, init=init, progress=False,
                  overrides={"train": {"reverse": True, "max_steps": 1, "eval_every": 1, "num_threads": 1,
                                       "learning_rate": 1e-9, "warmup_steps": 0, "precision": "fp32"}})
-    reverse, forward = load_file(init / "reverse" / "model.safetensors"), load_file(init / "model.safetensors")
+    reverse = load_file(init / "reverse" / "model.safetensors")
+    forward = load_file(init / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert all(torch.allclose(reverse[k], after[k], atol=1e-6) for k in reverse)
     assert not all(torch.allclose(forward[k], after[k], atol=1e-6) for k in forward)
