@@ -46,6 +46,14 @@ class EncoderOutput:
             state=(self.state[0].index_select(1, index), self.state[1].index_select(1, index)),
         )
 
+    def first_positions(self, length: int) -> EncoderOutput:
+        """The first `length` source positions (a batch encoded with extra right padding)."""
+        if length == self.mask.shape[1]:
+            return self
+        return EncoderOutput(memory=self.memory[:, :length].contiguous(),
+                             keys=self.keys[:, :length].contiguous(),
+                             mask=self.mask[:, :length].contiguous(), state=self.state)
+
 
 class Seq2Seq(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
-from model.fastpath import Bf16Linear, FastDecoder, make_step
+from model.fastpath import Bf16Linear, FastDecoder, fast_encoder_wins, make_step
 from model.inference import DecoderRows, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.precision import cpu_bf16_native
@@ -247,7 +247,8 @@ def test_releasing_the_models_step_weights_keeps_the_replies_and_frees_them(trai
     opts = DecodeOptions(strategy="beam", beam_size=4, n_best=2, max_length=16)
     fast = FastDecoder(model)
     before = hyp_tokens(fast.decode_sources(sources, opts))
-    step_bytes = sum(p.numel() * 4 for m in (model.decoder, model.combine, model.bottleneck) for p in m.parameters())
+    step_modules = (model.decoder, model.combine, model.bottleneck)
+    step_bytes = sum(p.numel() * 4 for m in step_modules for p in m.parameters())
     assert fast.release_model_step() == step_bytes > 0
     assert all(p.device.type == "meta" for p in model.decoder.parameters())
     assert model.embedding.weight.device.type == "cpu"  # the encoder's and the lookup's stay
@@ -258,3 +259,16 @@ def test_releasing_the_models_step_weights_keeps_the_replies_and_frees_them(trai
         hyp_tokens(decode_sources(ckpt.model, sources, DecodeOptions(strategy="greedy", max_length=16)))
     with pytest.raises(ValueError, match="int8"):
         FastDecoder(ckpt.model, quantize="int8").release_model_step()
+
+
+def test_the_models_own_encoder_gives_the_reference_outputs_through_padded_sources() -> None:
+    model = random_model(6)
+    fast = FastDecoder(model)
+    many = [list(range(5, 5 + n)) for n in (3, 9, 11, 13)] * 6  # 24 sources: past FastEncoder
+    assert not fast_encoder_wins(len(many), 13)
+    ref, got = encode_sources(model, many), fast.encode(many)
+    assert got.enc.memory.shape == ref.enc.memory.shape  # the padding to 16 tokens is cut off again
+    pairs = ((got.enc.memory, ref.enc.memory), (got.enc.keys, ref.enc.keys), (got.state[0], ref.state[0]))
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    assert torch.equal(got.enc.mask, ref.enc.mask)
