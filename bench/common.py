@@ -21,19 +21,7 @@ if str(ROOT) not in sys.path:  # runnable as `python bench/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from model.device import available_cores  # noqa: E402  (needs ROOT on sys.path)
-
-
-def best_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, number: int = 1) -> float:
-    """Seconds per call of `fn`: the best of `repeats` rounds of `number` calls."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
+from model.timing import best_time  # noqa: E402, F401  (the benchmarks' timer, from here too)
 
 
 def calls_for(fn: Callable[[], object], seconds: float) -> int:

@@ -39,8 +39,7 @@ recompiling on every new (rows, source length) shape.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +53,7 @@ from .network import Seq2Seq
 from .precision import cpu_bf16_native
 from .quantize import Int8Linear, quantize_dynamic_int8
 from .rerank import rerank_batch
+from .timing import best_time
 from .tokenizer import PAD_ID
 
 QUANTIZE_MODES = (None, "int8", "bf16")
@@ -121,9 +121,9 @@ class DenseLinear:
         packed, transposed = self.packed, self.weight_t
         with torch.inference_mode():
             self.weight_t = None
-            t_packed = _best_time(lambda: self(x))
+            t_packed = best_time(lambda: self(x), repeats=3, number=20)
             self.packed, self.weight_t = None, transposed
-            t_transposed = _best_time(lambda: self(x))
+            t_transposed = best_time(lambda: self(x), repeats=3, number=20)
             self.packed = packed
         return t_transposed * 1.05 < t_packed
 
@@ -133,16 +133,6 @@ class DenseLinear:
         n = self.out_features * self.in_features * 4
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
-
-def _best_time(fn: Callable[[], object], rounds: int = 3, calls: int = 20) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 class Bf16Linear:
