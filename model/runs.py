@@ -48,8 +48,10 @@ def run_training(*, corpus: str, out: Path, config: Path | None = None, resume: 
                 lambda: _prepare(corpus, out, config, overrides, resume, init))
         trainer = Trainer(cfg, data, out, progress=progress, state=state,
                           device=dist.device if dist else None, dist=dist, init=start)
+        trained_before = trainer.elapsed  # a resumed run's elapsed time includes its earlier runs'
         result = trainer.train()
-        result["setup_seconds"] = round(time.perf_counter() - started - trainer.elapsed, 1)
+        trained = trainer.elapsed - trained_before
+        result["setup_seconds"] = round(time.perf_counter() - started - trained, 1)
         result["corpus"] = data.summary
         if dist is not None:
             result.update(rank=dist.rank, world_size=dist.world_size,
