@@ -134,7 +134,6 @@ class DenseLinear:
         return n + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
 
-
 class Bf16Linear:
     """y = x @ W^T + b with W stored bf16 in oneDNN's blocked layout; float32 in and out.
 
