@@ -24,13 +24,11 @@ from common import ROOT, machine_line
 from app.reply_filter import ReplyFilter
 from app.schemas import DEFAULT_MMI_WEIGHT
 from model.checkpoint import load_checkpoint, shipped_checkpoint_path
-from model.decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
+from model.evaluation import named_settings
 from model.inference import decode_sources
 
-# as app/routes/common.py search_options asks for a request with only a message: beam 5, which
-# settles its best reply (likelihood) or waits for all five beams (mmi, which reranks them)
-DEFAULT = DecodeOptions(strategy="beam", beam_size=5, n_best=1, min_length=2,
-                        no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM_SIZE)
+# what /api/chat does with only a message (beam 5, likelihood), as `chatbot eval` names it
+DEFAULT = named_settings(has_reverse=False)["beam5"]
 
 
 def main() -> None:
@@ -54,7 +52,7 @@ def main() -> None:
     reply_filter = ReplyFilter.standard()
     replies: dict[str, list[str]] = {}
     opts = replace(DEFAULT, beam_size=args.beam_size)
-    if args.rerank == "mmi":
+    if args.rerank == "mmi":  # MMI reranks every beam, so the search waits for all of them
         opts = replace(opts, n_best=opts.beam_size, rerank="mmi", mmi_weight=args.mmi_weight)
     for path in args.checkpoint:
         ckpt = load_checkpoint(path)
