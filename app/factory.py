@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 from .jobs import Engine
 from .metrics import Metrics
 from .remote_engine import RemoteEngine
-from .settings import Settings
 from .spec import ModelSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model worker imports this module: neither the HTTP settings nor pydantic
     from .engine import ChatEngine
+    from .settings import Settings
 
 
 def build_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .jobs import EngineConfig
-from .settings import Settings
+
+if TYPE_CHECKING:  # the worker never imports the HTTP settings (pydantic: ~9 MiB of its memory)
+    from .settings import Settings
 
 
 @dataclass(frozen=True)
