@@ -13,8 +13,11 @@ and under 32 clients the server spent as much time encoding as decoding.
   (`x @ [W_ih_fwd; W_ih_bwd]^T + biases`), the backward half then reversed within each
   row's own length, as `Seq2Seq.encode` reverses its input;
 - per time step one batched product `h @ W_hh^T` for both directions (`baddbmm` over a
-  leading direction axis of 2), and the cell's element-wise ops on both at once, gates
-  reordered to (i, f, o, g) so that one sigmoid covers three gates.
+  leading direction axis of 2), and the cell's element-wise ops on both at once.
+
+The weights stay in PyTorch's layout and gate order, read transposed by the GEMMs (as fast
+as a transposed copy, measured), so that a server can make the model's own LSTMs views of
+them (`share_weights`) instead of holding two copies.
 
 Padding is handled as the model handles it: rows are right-padded, the backward
 direction reads each row reversed within its length, so pads come after every real
@@ -35,31 +38,40 @@ from .network import EncoderOutput, Seq2Seq
 
 def to_ifog(t: Tensor, h: int) -> Tensor:
     """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g), so that one sigmoid
-    covers three gates (here and in model/fastpath.py's decoder step)."""
+    covers three gates (model/fastpath.py's decoder step)."""
     return torch.cat([t[: 2 * h], t[3 * h:], t[2 * h: 3 * h]])
 
 
 class _Layer:
-    """One bidirectional layer: fused input projection, stacked recurrent weights."""
+    """One bidirectional layer: both directions' input weights in one matrix, their recurrent
+    weights stacked, in PyTorch's own layout and gate order (i, f, g, o), so that the model's
+    LSTMs can read these very tensors (`share_with`)."""
 
-    def __init__(self, fwd: torch.nn.Module, bwd: torch.nn.Module) -> None:
-        h = self.h = int(fwd.hidden_size)  # type: ignore[arg-type]
+    def __init__(self, fwd: torch.nn.LSTM, bwd: torch.nn.LSTM) -> None:
+        self.h = int(fwd.hidden_size)
+        self.fwd, self.bwd = fwd, bwd
+        self.w_ih = torch.cat([fwd.weight_ih_l0, bwd.weight_ih_l0]).detach()  # (8h, In)
+        self.bias = torch.cat([d.bias_ih_l0 + d.bias_hh_l0 for d in (fwd, bwd)]).detach()  # (8h,)
+        self.w_hh = torch.stack([fwd.weight_hh_l0, bwd.weight_hh_l0]).detach()  # (2, 4h, h)
 
-        def gates(lstm: torch.nn.Module, name: str) -> Tensor:
-            return to_ifog(getattr(lstm, name), h)
-
-        w_ih = torch.cat([gates(fwd, "weight_ih_l0"), gates(bwd, "weight_ih_l0")])  # (8h, In)
-        b = torch.cat([gates(d, "bias_ih_l0") + gates(d, "bias_hh_l0") for d in (fwd, bwd)])
-        self.w_ih_t = w_ih.detach().t().contiguous()  # (In, 8h)
-        self.bias = b.detach().contiguous()  # (8h,)
-        self.w_hh_t = torch.stack([gates(fwd, "weight_hh_l0").t(), gates(bwd, "weight_hh_l0").t()]
-                                  ).detach().contiguous()  # (2, h, 4h)
+    def share_with(self) -> int:
+        """Make the two LSTMs' weight matrices views of this layer's (one copy, not two); bytes
+        freed. Their values do not change; a model saved afterwards must copy them first."""
+        h4 = 4 * self.h
+        freed = 0
+        for i, lstm in enumerate((self.fwd, self.bwd)):
+            for name, shared in (("weight_ih_l0", self.w_ih[i * h4:(i + 1) * h4]), ("weight_hh_l0", self.w_hh[i])):
+                old = getattr(lstm, name)
+                if old.data_ptr() != shared.data_ptr():
+                    freed += old.numel() * old.element_size()
+                    setattr(lstm, name, torch.nn.Parameter(shared, requires_grad=old.requires_grad))
+        return freed
 
     def __call__(self, x: Tensor, rev: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, S, In) -> forward and backward outputs (B, S, h) each, in source order."""
         B, S, _ = x.shape
         h = self.h
-        proj = torch.addmm(self.bias, x.reshape(B * S, -1), self.w_ih_t).view(B, S, 2, 4 * h)
+        proj = torch.addmm(self.bias, x.reshape(B * S, -1), self.w_ih.t()).view(B, S, 2, 4 * h)
         # (2, S, B, 4h): direction, time, row; the backward half read in reversed order
         fwd_in = proj[:, :, 0]
         bwd_in = proj[:, :, 1].gather(1, rev[:, :, None].expand(-1, -1, 4 * h))
@@ -67,12 +79,13 @@ class _Layer:
         out = x.new_empty(2, S, B, h)
         hidden = x.new_zeros(2, B, h)
         cell = x.new_zeros(2, B, h)
+        w_hh_t = self.w_hh.transpose(1, 2)  # (2, h, 4h), a view: the GEMM reads it transposed
         for t in range(S):
-            gates = torch.baddbmm(inputs[:, t], hidden, self.w_hh_t)  # (2, B, 4h): i f o | g
-            sig = gates[..., : 3 * h].sigmoid()
-            cell = torch.addcmul(sig[..., h: 2 * h] * cell, sig[..., :h], gates[..., 3 * h:].tanh())
+            gates = torch.baddbmm(inputs[:, t], hidden, w_hh_t)  # (2, B, 4h): i f g o
+            sig = gates.sigmoid()  # g's share unused: one op for three gates, as (i, f, o, g) would
+            cell = torch.addcmul(sig[..., h: 2 * h] * cell, sig[..., :h], gates[..., 2 * h: 3 * h].tanh())
             hidden = out[:, t]
-            torch.mul(sig[..., 2 * h:], cell.tanh(), out=hidden)
+            torch.mul(sig[..., 3 * h:], cell.tanh(), out=hidden)
         f = out[0].transpose(0, 1)  # (B, S, h)
         b = out[1].transpose(0, 1).gather(1, rev[:, :, None].expand(-1, -1, h))  # back in order
         return f, b
@@ -86,6 +99,13 @@ class FastEncoder:
         self.device = model.embedding.weight.device
         with torch.no_grad():
             self.layers = [_Layer(f, b) for f, b in zip(model.enc_fwd, model.enc_bwd, strict=True)]
+
+    def share_weights(self) -> int:
+        """Point the model's encoder LSTMs at this encoder's weight matrices, so that the two
+        encoders (this one and the model's own, oneDNN's, which serves long batches) hold one
+        copy (10 MiB at the shipped size); bytes freed. For a server: the model's parameters
+        become views of shared tensors, which a checkpoint saved from it would have to copy."""
+        return sum(layer.share_with() for layer in self.layers)
 
     @torch.inference_mode()
     def encode(self, sources: Sequence[Sequence[int]]) -> DecoderRows:

@@ -302,11 +302,13 @@ class FastDecoder:
         return rerank_batch(sources, found, opts, reverse)
 
     def release_model_step(self) -> int:
-        """Free the model's own copies of what this step holds (decoder LSTM, combine,
-        bottleneck, an untied output layer: 16.5 MiB at the shipped size) by moving them to the
-        "meta" device; the encoder, embedding and attention keys stay. For a server that decodes
-        through this object only: the model's own `step` can no longer run afterwards. Not for
-        int8, whose torch.ao copy of the model is made from these weights. Returns bytes freed."""
+        """Free the model's own copies of what this object holds: the decoder LSTM, combine,
+        bottleneck and an untied output layer (16.5 MiB at the shipped size) go to the "meta"
+        device, and the model's encoder LSTMs become views of the fast encoder's weights
+        (10 MiB); the embedding and attention keys stay. For a server that decodes through
+        this object only: the model's own `step` can no longer run afterwards, and its
+        encoder still can. Not for int8, whose torch.ao copy of the model is made from these
+        weights. Returns bytes freed."""
         if self.quantize == "int8":
             raise ValueError("the int8 decoder copies the model's weights on first use: keep them")
         model = self.model
@@ -316,6 +318,8 @@ class FastDecoder:
         for m in modules:
             if m is not None:
                 m.to("meta")
+        if self._fast_encoder is not None:
+            freed += self._fast_encoder.share_weights()
         return freed
 
     def matrix_bytes(self) -> int:

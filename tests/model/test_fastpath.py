@@ -249,8 +249,15 @@ def test_releasing_the_models_step_weights_keeps_the_replies_and_frees_them(trai
     before = hyp_tokens(fast.decode_sources(sources, opts))
     step_modules = (model.decoder, model.combine, model.bottleneck)
     step_bytes = sum(p.numel() * 4 for m in step_modules for p in m.parameters())
-    assert fast.release_model_step() == step_bytes > 0
+    encoder_lstms = [*model.enc_fwd, *model.enc_bwd]
+    matrices = [p for m in encoder_lstms for n, p in m.named_parameters() if n.startswith("weight")]
+    assert fast.release_model_step() == step_bytes + sum(p.numel() * 4 for p in matrices) > step_bytes
     assert all(p.device.type == "meta" for p in model.decoder.parameters())
+    shared = {layer.w_ih.data_ptr() for layer in fast._fast_encoder.layers} | \
+             {layer.w_hh.data_ptr() for layer in fast._fast_encoder.layers}
+    for lstm in encoder_lstms:  # the model's encoder reads the fast encoder's tensors: one copy
+        for name, p in lstm.named_parameters():
+            assert (p.untyped_storage().data_ptr() in shared) == name.startswith("weight"), name
     assert model.embedding.weight.device.type == "cpu"  # the encoder's and the lookup's stay
     assert hyp_tokens(fast.decode_sources(sources, opts)) == before
     many = sources * 40  # past what FastEncoder serves: the model's own encoder runs
