@@ -60,7 +60,8 @@ class _Layer:
         h4 = 4 * self.h
         freed = 0
         for i, lstm in enumerate((self.fwd, self.bwd)):
-            for name, shared in (("weight_ih_l0", self.w_ih[i * h4:(i + 1) * h4]), ("weight_hh_l0", self.w_hh[i])):
+            views = (("weight_ih_l0", self.w_ih[i * h4:(i + 1) * h4]), ("weight_hh_l0", self.w_hh[i]))
+            for name, shared in views:
                 old = getattr(lstm, name)
                 if old.data_ptr() != shared.data_ptr():
                     freed += old.numel() * old.element_size()
