@@ -67,6 +67,11 @@ PACKED_ROW_MULTIPLE = 8
 # this many tokens (the encoder's outputs at real positions do not depend on padding after them).
 # 4: +36 MiB over those shapes, the encoder 2-20% slower on them; 8: +25 MiB but 8-37% slower.
 ENCODER_LENGTH_MULTIPLE = 4
+# DenseLinear keeps a second layout of a matrix only where it is this much faster (see there)
+LAYOUT_GAIN = 1.2
+LAYOUT_CHECK_ROWS = 8
+LAYOUT_CHECK_MAX_BYTES = 4 << 20
+LAYOUT_ROUND_S = 0.004  # one timing round: long enough that a small matrix's choice is not noise
 
 
 def _onednn_pack(weight: Tensor) -> Tensor | None:
@@ -82,16 +87,22 @@ def _onednn_pack(weight: Tensor) -> Tensor | None:
 
 
 class DenseLinear:
-    """y = x @ W^T + b in float32, in the layout each row count reads fastest.
+    """y = x @ W^T + b in float32, in the layout each row count reads fastest, one copy where
+    a second does not clearly pay.
 
     oneDNN's blocked layout (prepacked once) serves two rows or more: MKL's sgemm repacks the
     whole weight on every call once there are two rows, which made a 5-row beam step cost 1.6x
     a 1-row one; prepacked, every decoder matrix ran 1.2-2.2x faster at 2-64 rows (AMD EPYC, 1
     thread; on a Xeon about 40% at 3-8 rows and 10-15% at 64-320). A single row is a GEMV: W^T
     stored contiguous for `addmm` read it fastest on one machine, the blocked layout on another
-    (the gate matrices 1.3-1.5x, the output layer the same), so the two are timed here on the
-    machine at hand, and W^T is kept only where it wins: one copy of each matrix, not two,
-    where it does not. Without oneDNN, W^T alone. Results agree within 1e-6 relative.
+    (the gate matrices 1.3-1.5x, the output layer the same). Each layout costs memory: a
+    second copy of the matrix, and for the blocked one about 0.5 MiB of compiled kernel for
+    every row count a server meets (nine in bench/memory.py's 200 requests: 4.5 MiB a matrix).
+    So the layouts are timed here, on the machine at hand, and one is kept beside the other
+    only where it is at least LAYOUT_GAIN faster at what it serves: the blocked one at
+    LAYOUT_CHECK_ROWS rows (the small bottleneck matrix measured no faster there on the AMD
+    EPYC: W^T alone), W^T at one row. Without oneDNN, W^T alone. Results agree within 1e-6
+    relative.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool = True) -> None:
@@ -99,8 +110,8 @@ class DenseLinear:
         self.bias = None if bias is None else bias.detach().contiguous()
         self.weight_t: Tensor | None = weight.detach().t().contiguous()  # (in, out)
         self.packed = _onednn_pack(weight) if pack else None
-        if self.packed is not None and not self._transposed_wins_one_row():
-            self.weight_t = None
+        if self.packed is not None:
+            self._choose_layouts()
 
     def __call__(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
@@ -114,18 +125,29 @@ class DenseLinear:
             return torch.mm(x, self.weight_t)
         return torch.addmm(self.bias, x, self.weight_t)
 
-    def _transposed_wins_one_row(self) -> bool:
-        """Whether `addmm` over W^T beats the blocked layout by more than 5% on one row (best of
-        3 rounds of 20 calls each)."""
-        x = torch.randn(1, self.in_features, device=self.weight_t.device)  # type: ignore[union-attr]
+    def _choose_layouts(self) -> None:
+        """Keep the blocked layout only where it is LAYOUT_GAIN faster than W^T at
+        LAYOUT_CHECK_ROWS rows, and W^T beside it only where W^T is LAYOUT_GAIN faster at one
+        row (best of 5 rounds of about LAYOUT_ROUND_S each). Rows are timed for matrices of
+        at most LAYOUT_CHECK_MAX_BYTES only: MKL repacks the whole matrix on every multi-row
+        call, so a bigger one is always slower through W^T (the decoder's gate and output
+        matrices, 6-8 MiB: 1.5-3x at 8 rows), and timing it would leave MKL's buffers for such
+        a call in this thread (5 MiB for the shipped model's)."""
         packed, transposed = self.packed, self.weight_t
+
+        def timed(rows: int, layout: str) -> float:
+            x = torch.randn(rows, self.in_features, device=transposed.device)  # type: ignore[union-attr]
+            self.packed, self.weight_t = (packed, None) if layout == "packed" else (None, transposed)
+            once = best_time(lambda: self(x), repeats=3)
+            return best_time(lambda: self(x), repeats=5, number=max(5, int(LAYOUT_ROUND_S / once)))
+
         with torch.inference_mode():
-            self.weight_t = None
-            t_packed = best_time(lambda: self(x), repeats=3, number=20)
-            self.packed, self.weight_t = None, transposed
-            t_transposed = best_time(lambda: self(x), repeats=3, number=20)
-            self.packed = packed
-        return t_transposed * 1.05 < t_packed
+            if self.out_features * self.in_features * 4 <= LAYOUT_CHECK_MAX_BYTES and \
+                    timed(LAYOUT_CHECK_ROWS, "transposed") < LAYOUT_GAIN * timed(LAYOUT_CHECK_ROWS, "packed"):
+                self.packed, self.weight_t = None, transposed
+                return
+            keep_transposed = timed(1, "packed") > LAYOUT_GAIN * timed(1, "transposed")
+        self.packed, self.weight_t = packed, transposed if keep_transposed else None
 
     @property
     def nbytes(self) -> int:

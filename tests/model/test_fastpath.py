@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import model.fastpath
 from model.checkpoint import load_checkpoint
 from model.decoding import DecodeOptions
-from model.fastpath import Bf16Linear, FastDecoder, fast_encoder_wins, make_step
+from model.fastpath import Bf16Linear, DenseLinear, FastDecoder, fast_encoder_wins, make_step
 from model.inference import DecoderRows, decode_sources, encode_sources, step_rows
 from model.network import Seq2Seq
 from model.precision import cpu_bf16_native
@@ -147,6 +148,38 @@ def test_encode_never_applies_dropout_and_restores_the_mode() -> None:
 def test_an_unknown_quantization_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="quantize"):
         make_step(random_model(8), quantize="int4")
+
+
+@pytest.mark.parametrize("packed_s, transposed_s, keeps", [
+    # (seconds a call through the blocked layout, through W^T) at LAYOUT_CHECK_ROWS and at 1 row
+    ((1.0, 1.0), (1.1, 0.5), "transposed"),  # blocked not 1.2x faster on rows: W^T alone
+    ((1.0, 1.0), (2.0, 1.1), "packed"),  # blocked faster on rows, W^T not 1.2x faster on one
+    ((1.0, 1.0), (2.0, 0.5), "both"),  # each clearly faster where it serves
+])
+def test_dense_linear_keeps_a_second_layout_only_where_it_is_clearly_faster(
+        monkeypatch: pytest.MonkeyPatch, packed_s, transposed_s, keeps) -> None:
+    current: dict = {}  # the layout and row count of the call being timed, seen by `spy`
+
+    def fake_time(fn, **_: object) -> float:
+        fn()
+        return (packed_s if current["layout"] == "packed" else transposed_s)[current["rows"] == 1]
+
+    real_call = DenseLinear.__call__
+
+    def spy(self, x):
+        current.update(rows=x.shape[0], layout="packed" if self.weight_t is None else "transposed")
+        return real_call(self, x)
+
+    monkeypatch.setattr(DenseLinear, "__call__", spy)
+    monkeypatch.setattr(model.fastpath, "best_time", fake_time)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    lin = DenseLinear(weight, bias)
+    monkeypatch.setattr(DenseLinear, "__call__", real_call)
+    assert (lin.packed is not None, lin.weight_t is not None) == \
+        {"transposed": (False, True), "packed": (True, False), "both": (True, True)}[keeps]
+    for rows in (1, 3, 8, 13):  # whichever layouts were kept: the same product
+        x = torch.randn(rows, 32)
+        assert torch.allclose(lin(x), torch.addmm(bias, x, weight.t()), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_linear_is_close_to_the_float_product() -> None:
