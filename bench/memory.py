@@ -2,11 +2,14 @@
 
     python bench/memory.py             # the shipped model, 200 mixed requests, 8 clients
     python bench/memory.py --quick     # 20 requests
+    python bench/memory.py --quantize bf16   # CHATBOT_QUANTIZE for the server (int8, bf16)
 
 The server runs as in production (`chatbot serve`, the model worker on by default; a
 second run with `--in-process` measures CHATBOT_MODEL_PROCESS=false). Requests mix
 /api/chat greedy, beam 5 (the default), 16 samples, and OpenAI plain and streamed.
-VmRSS is read from /proc for the HTTP process and for its model worker.
+VmRSS is read from /proc for the HTTP process and for its model worker. The server is started
+without this shell's CHATBOT_* variables (bench/soak.py's Server): set the quantization with
+`--quantize`, not CHATBOT_QUANTIZE.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ async def load(url: str, requests: int, clients: int) -> int:
     return ok
 
 
-def measure(checkpoint: Path, requests: int, clients: int, model_process: bool) -> list[list[str]]:
+def measure(checkpoint: Path, requests: int, clients: int, model_process: bool,
+            quantize: str = "none") -> list[list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(checkpoint, Path(tmp) / "server.log", model_process=str(model_process).lower())
+        server = Server(checkpoint, Path(tmp) / "server.log", model_process=str(model_process).lower(),
+                        quantize=quantize)
         try:
             server.wait_ready()
             procs = {"HTTP": server.proc.pid}
@@ -61,7 +66,8 @@ def measure(checkpoint: Path, requests: int, clients: int, model_process: bool) 
             after = {name: rss_mib(pid) for name, pid in procs.items()}
         finally:
             server.stop()
-    label = "worker process" if model_process else "in-process"
+    label = ("worker process" if model_process else "in-process") + \
+        ("" if quantize == "none" else f", {quantize}")
     rows = [[label, name, f"{before[name]:.0f}", f"{after[name]:.0f}"] for name in procs]
     rows.append([label, "together", f"{sum(before.values()):.0f}", f"{sum(after.values()):.0f}"])
     print(f"{label}: {ok}/{requests} answered 200")
@@ -75,11 +81,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--checkpoint", type=Path, default=shipped_checkpoint_path())
     ap.add_argument("--in-process", action="store_true", help="also measure CHATBOT_MODEL_PROCESS=false")
+    ap.add_argument("--quantize", choices=("none", "int8", "bf16"), default="none",
+                    help="the server's CHATBOT_QUANTIZE")
     args = ap.parse_args()
     requests = 20 if args.quick else args.requests
-    rows = measure(args.checkpoint, requests, args.clients, True)
+    rows = measure(args.checkpoint, requests, args.clients, True, args.quantize)
     if args.in_process:
-        rows += measure(args.checkpoint, requests, args.clients, False)
+        rows += measure(args.checkpoint, requests, args.clients, False, args.quantize)
     print(f"\n| serving | process | RSS MiB ready | RSS MiB after {requests} requests |")
     print("|---|---|---|---|")
     for row in rows:
