@@ -15,9 +15,10 @@ and under 32 clients the server spent as much time encoding as decoding.
 - per time step one batched product `h @ W_hh^T` for both directions (`baddbmm` over a
   leading direction axis of 2), and the cell's element-wise ops on both at once.
 
-The weights stay in PyTorch's layout and gate order, read transposed by the GEMMs (as fast
-as a transposed copy, measured), so that a server can make the model's own LSTMs views of
-them (`share_weights`) instead of holding two copies.
+The weights stay in PyTorch's layout and gate order, read transposed by the GEMMs, so that a
+server can make the model's own LSTMs views of them (`share_weights`) instead of holding two
+copies (10 MiB). Against transposed copies (AMD EPYC, 1 thread): one 8-token source 4.7
+against 4.3 ms, four sources of 10 tokens 9.9 against 9.9; whole replies measured the same.
 
 Padding is handled as the model handles it: rows are right-padded, the backward
 direction reads each row reversed within its length, so pads come after every real
