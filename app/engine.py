@@ -57,7 +57,7 @@ def describe(ck: Checkpoint) -> dict[str, Any]:
     training = {k: v for k, v in ck.config.items() if k not in ("model", "tokenizer", "format")}
     return {
         "name": ck.name, "parameters": ck.model.num_parameters(),
-        "vocab_size": ck.tokenizer.vocab_size, "architecture": {
+        "vocab_size": ck.model.cfg.vocab_size, "architecture": {
             "type": "LSTM encoder-decoder (bidirectional encoder, Luong attention)",
             **ck.model.cfg.__dict__},
         "training": training, "metrics": dict(ck.metrics),

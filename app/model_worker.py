@@ -101,7 +101,7 @@ class _Worker:
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         try:
-            engine = await asyncio.to_thread(load_engine, self.spec, self.metrics)
+            engine = await asyncio.to_thread(load_engine, self.spec, self.metrics, defer_tokenizer=True)
             engine.start()
             await engine.wait_ready()
         except BaseException as exc:  # reported to the parent, which stops serving

@@ -97,8 +97,11 @@ def save_checkpoint(directory: Path, model: Seq2Seq, tokenizer: Tokenizer, *,
     atomic_write_text(directory / "config.json", json.dumps(config, indent=2))
 
 
-def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -> Checkpoint:
-    meta = read_meta(directory)
+def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu", *,
+                    defer_tokenizer: bool = False) -> Checkpoint:
+    """The model, its tokenizer (`defer_tokenizer`: built on first use, see `read_meta`) and
+    its reverse model's files; CheckpointError names the file at fault."""
+    meta = read_meta(directory, defer_tokenizer=defer_tokenizer)
     directory, cfg, tokenizer = Path(directory), meta.cfg, meta.tokenizer
     weights = directory / "model.safetensors"  # there, and no pickle: read_meta checked
     try:
@@ -122,9 +125,21 @@ def load_checkpoint(directory: Path | str, device: torch.device | str = "cpu") -
             raise CheckpointError(f"{weights}: {k} holds NaN or infinite values")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     model.to(device).eval()
-    reverse = Reverse(directory, tokenizer, device) if (directory / REVERSE_DIR).is_dir() else None
+    reverse = Reverse(directory, device) if (directory / REVERSE_DIR).is_dir() else None
     return Checkpoint(model=model, tokenizer=tokenizer, config=meta.config, metrics=meta.metrics,
                       path=directory, reverse=reverse)
+
+
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two checkpoints' tokenizer.json hold the same tokenizer: the same bytes (as
+    training writes it, `--init` and `--reverse` included) or the same JSON."""
+    ta, tb = (d / "tokenizer.json" for d in (a, b))
+    if ta.read_bytes() == tb.read_bytes():
+        return True
+    try:
+        return json.loads(ta.read_text(encoding="utf-8")) == json.loads(tb.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 class Reverse:
@@ -133,14 +148,14 @@ class Reverse:
     its weights are read on first use of `model`: it only scores candidates for rerank "mmi", so
     a server that never reranks by MMI never holds them (39 MiB for the shipped model's)."""
 
-    def __init__(self, directory: Path, tokenizer: Tokenizer, device: torch.device | str) -> None:
+    def __init__(self, directory: Path, device: torch.device | str) -> None:
         path = directory / REVERSE_DIR
-        meta = read_meta(path)
+        meta = read_meta(path, defer_tokenizer=True)  # it only scores ids: compared, never used
         if (path / REVERSE_DIR).is_dir():
             raise CheckpointError(f"{path}: a reverse model cannot hold a reverse model of its own")
         if not (meta.config.get("training") or {}).get("reverse"):
             raise CheckpointError(f"{path / 'config.json'}: not a reverse model (trained without --reverse)")
-        if meta.tokenizer.to_str() != tokenizer.to_str():
+        if not _same_tokenizer(path, directory):
             raise CheckpointError(f"{path / 'tokenizer.json'}: not the forward model's tokenizer")
         self.path, self.device, self.meta = path, device, meta
         self._checkpoint: Checkpoint | None = None

@@ -38,10 +38,12 @@ def checkpoint_name(config: dict[str, Any], path: Path | None) -> str:
     return str(config.get("name") or (path.name if path else "seq2seq"))
 
 
-def read_meta(directory: Path | str) -> CheckpointMeta:
+def read_meta(directory: Path | str, *, defer_tokenizer: bool = False) -> CheckpointMeta:
     """config.json (its format and model section), tokenizer.json (matching the vocabulary),
     metrics.json if there, and that model.safetensors is there and no pickle (its tensors are
-    checked where they load); CheckpointError names the file at fault."""
+    checked where they load); CheckpointError names the file at fault. `defer_tokenizer`: the
+    tokenizer is built on first use (`Tokenizer.deferred`), for a process that never tokenises
+    and whose checkpoint another has read in full (the model worker: the HTTP process did)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -55,12 +57,14 @@ def read_meta(directory: Path | str) -> CheckpointMeta:
     tok_path = directory / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{tok_path}: missing")
+    lowercase = bool(config.get("tokenizer", {}).get("lowercase"))
     try:
-        tokenizer = Tokenizer.from_str(tok_path.read_text(encoding="utf-8"),
-                                       lowercase=bool(config.get("tokenizer", {}).get("lowercase")))
+        text = tok_path.read_text(encoding="utf-8")
+        tokenizer = (Tokenizer.deferred(text, lowercase=lowercase) if defer_tokenizer
+                     else Tokenizer.from_str(text, lowercase=lowercase))
     except Exception as exc:  # the tokenizers library raises plain Exception subclasses
         raise CheckpointError(f"{tok_path}: not a valid tokenizer ({exc})") from None
-    if tokenizer.vocab_size != cfg.vocab_size:
+    if not defer_tokenizer and tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"{tok_path}: vocabulary of {tokenizer.vocab_size} tokens, "
                               f"but config.json says {cfg.vocab_size}")
     weights = directory / "model.safetensors"

@@ -12,9 +12,10 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+if TYPE_CHECKING:  # imported where a tokenizer is built: a model worker never loads the library (3 MiB)
+    from tokenizers import Tokenizer as HFTokenizer
 
 PAD, BOS, EOS, UNK, SEP = "<pad>", "<s>", "</s>", "<unk>", "<sep>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, SEP)
@@ -42,12 +43,39 @@ class Tokenizer:
     """Thin wrapper: normalisation, turn joining and special-token handling."""
 
     def __init__(self, hf: HFTokenizer, *, lowercase: bool = False) -> None:
-        self.hf = hf
-        self.hf.encode_special_tokens = True
         self.lowercase = lowercase
+        self._data: str | None = None
+        self._hf = self._checked(hf)
+
+    @classmethod
+    def deferred(cls, data: str, *, lowercase: bool = False) -> Tokenizer:
+        """The tokenizer of `data` (tokenizer.json's text), built and checked on first use. For a
+        process that holds a checkpoint but never tokenises (the model worker, whose requests come
+        as token ids): the first HF tokenizer a process builds costs it about 8 MiB."""
+        tok = cls.__new__(cls)
+        tok.lowercase, tok._data, tok._hf = lowercase, data, None
+        return tok
+
+    @staticmethod
+    def _checked(hf: HFTokenizer) -> HFTokenizer:
+        hf.encode_special_tokens = True
         for i, tok in enumerate(SPECIAL_TOKENS):
             if hf.token_to_id(tok) != i:
                 raise ValueError(f"tokenizer.json: special token {tok!r} must have id {i}")
+        return hf
+
+    @property
+    def hf(self) -> HFTokenizer:
+        if self._hf is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._hf = self._checked(HFTokenizer.from_str(self._data or ""))
+        return self._hf
+
+    @property
+    def built(self) -> bool:
+        """Whether the HF tokenizer exists yet (False only for a `deferred` one never used)."""
+        return self._hf is not None
 
     @property
     def vocab_size(self) -> int:
@@ -56,6 +84,9 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
               lowercase: bool = False) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         hf.decoder = decoders.ByteLevel()
@@ -95,6 +126,8 @@ class Tokenizer:
 
     @classmethod
     def from_str(cls, data: str, *, lowercase: bool = False) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
         return cls(HFTokenizer.from_str(data), lowercase=lowercase)
 
     def save(self, path: Path) -> None:

@@ -209,3 +209,23 @@ async def test_a_cancelled_encoded_request_makes_room_for_the_next(ckpt: Checkpo
     assert engine.decode(result.hypotheses[0].tokens) == reference(ckpt, [PROMPTS[1]], GREEDY)[0]
     await _until(lambda: engine.queue_depth == 0 and engine.active_requests == 0)
     await engine.aclose()
+
+
+async def test_the_workers_engine_answers_token_ids_without_building_a_tokenizer(tiny_checkpoint,
+                                                                                   ckpt) -> None:
+    from app.factory import load_engine
+    from app.spec import ModelSpec
+
+    from .conftest import make_settings
+
+    spec = ModelSpec.from_settings(make_settings(tiny_checkpoint))
+    engine = load_engine(spec, defer_tokenizer=True)  # as app/model_worker.py loads it
+    source = ckpt.tokenizer.encode_context(["hello there"], ckpt.model.cfg.max_source_len)
+    engine.start()
+    await engine.wait_ready()
+    result = await complete(engine, source, GREEDY)
+    await engine.aclose()
+    replies = [ckpt.tokenizer.decode(h.tokens) for h in result.hypotheses]
+    assert replies == reference(ckpt, ["hello there"], GREEDY)
+    assert engine.info()["vocab_size"] == ckpt.tokenizer.vocab_size
+    assert not engine.tokenizer.built  # ~8 MiB the worker never spends

@@ -135,3 +135,25 @@ def test_the_reverse_model_is_checked_at_once_and_read_on_first_use(tiny_checkpo
     (bad / "reverse" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not a reverse model"):
         load_checkpoint(bad)
+    config["training"]["reverse"] = True
+    (bad / "reverse" / "config.json").write_text(json.dumps(config))
+    tok = json.loads((bad / "reverse" / "tokenizer.json").read_text())
+    (bad / "reverse" / "tokenizer.json").write_text(json.dumps(tok, indent=1))  # same JSON, other bytes
+    assert load_checkpoint(bad).reverse is not None
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: another tokenizer
+    (bad / "reverse" / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(CheckpointError, match="not the forward model's tokenizer"):
+        load_checkpoint(bad)
+
+
+def test_a_deferred_tokenizer_is_built_on_first_use_and_tokenises_the_same(tiny_checkpoint) -> None:
+    ck = load_checkpoint(tiny_checkpoint, defer_tokenizer=True)
+    assert not ck.tokenizer.built  # a model worker that never tokenises never builds it
+    eager = load_checkpoint(tiny_checkpoint).tokenizer
+    assert eager.built
+    text = "hello there, how are you?"
+    assert ck.tokenizer.encode(text) == eager.encode(text) and ck.tokenizer.built
+    assert ck.tokenizer.decode(eager.encode(text)) == eager.decode(eager.encode(text))
+    assert ck.tokenizer.vocab_size == eager.vocab_size == ck.model.cfg.vocab_size
