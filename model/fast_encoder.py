@@ -37,12 +37,6 @@ from .inference import DecoderRows, collate_sources
 from .network import EncoderOutput, Seq2Seq
 
 
-def to_ifog(t: Tensor, h: int) -> Tensor:
-    """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g), so that one sigmoid
-    covers three gates (model/fastpath.py's decoder step)."""
-    return torch.cat([t[: 2 * h], t[3 * h:], t[2 * h: 3 * h]])
-
-
 class _Layer:
     """One bidirectional layer: both directions' input weights in one matrix, their recurrent
     weights stacked, in PyTorch's own layout and gate order (i, f, g, o), so that the model's

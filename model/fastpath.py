@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .data import collate_sources
 from .decoding import DecodeOptions, Hypothesis, decode
-from .fast_encoder import FastEncoder, to_ifog
+from .fast_encoder import FastEncoder
 from .inference import DecoderRows, RowStepFn
 from .network import Seq2Seq
 from .precision import cpu_bf16_native
@@ -72,6 +72,12 @@ LAYOUT_GAIN = 1.2
 LAYOUT_CHECK_ROWS = 8
 LAYOUT_CHECK_MAX_BYTES = 4 << 20
 LAYOUT_ROUND_S = 0.004  # one timing round: long enough that a small matrix's choice is not noise
+
+
+def to_ifog(t: Tensor, h: int) -> Tensor:
+    """PyTorch's LSTM gate rows (i, f, g, o) reordered to (i, f, o, g), so that one sigmoid
+    covers three gates in the decoder step."""
+    return torch.cat([t[: 2 * h], t[3 * h:], t[2 * h: 3 * h]])
 
 
 def _onednn_pack(weight: Tensor) -> Tensor | None:

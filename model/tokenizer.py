@@ -54,7 +54,7 @@ class Tokenizer:
         as token ids): the first HF tokenizer a process builds costs it about 8 MiB."""
         tok = cls.__new__(cls)
         tok.lowercase, tok._data, tok._hf = lowercase, data, None
-        return tok
+        return tok  # _data is set whenever _hf is None: `hf` builds from it
 
     @staticmethod
     def _checked(hf: HFTokenizer) -> HFTokenizer:
@@ -66,10 +66,12 @@ class Tokenizer:
 
     @property
     def hf(self) -> HFTokenizer:
-        if self._hf is None:
-            from tokenizers import Tokenizer as HFTokenizer
+        return self._hf if self._hf is not None else self._build()
 
-            self._hf = self._checked(HFTokenizer.from_str(self._data or ""))
+    def _build(self) -> HFTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._hf = self._checked(HFTokenizer.from_str(self._data))
         return self._hf
 
     @property
@@ -126,9 +128,9 @@ class Tokenizer:
 
     @classmethod
     def from_str(cls, data: str, *, lowercase: bool = False) -> Tokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(data), lowercase=lowercase)
+        tok = cls.deferred(data, lowercase=lowercase)
+        tok._build()  # now, not on first use
+        return tok
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.to_str(), encoding="utf-8")
