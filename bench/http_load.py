@@ -60,6 +60,10 @@ def is_loopback(url: str) -> bool:
 class Level:
     clients: int
     latencies: list[float] = field(default_factory=list)  # seconds, successful requests
+    # seconds per reply token (end of sequence counted) of each successful request: a reply of 40
+    # tokens needs 40 decoder steps whatever the scheduler does, so this, not the latency, says
+    # whether a request waited longer than its share ("nobody starves")
+    per_token: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     completion_tokens: int = 0
     wall: float = 0.0
@@ -69,11 +73,12 @@ class Level:
     def ok(self) -> int:
         return len(self.latencies)
 
-    def percentile(self, q: float) -> float:
-        """Nearest-rank percentile in milliseconds."""
-        if not self.latencies:
+    def percentile(self, q: float, per_token: bool = False) -> float:
+        """Nearest-rank percentile in milliseconds (of the latency, or of its share per reply token)."""
+        values = self.per_token if per_token else self.latencies
+        if not values:
             return math.nan
-        ordered = sorted(self.latencies)
+        ordered = sorted(values)
         return 1e3 * ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
     @property
@@ -96,8 +101,10 @@ async def one_client(client: aiohttp.ClientSession, url: str, body: dict, n: int
             continue
         elapsed = time.perf_counter() - start
         if status == 200:
+            tokens = int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
             level.latencies.append(elapsed)
-            level.completion_tokens += int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
+            level.per_token.append(elapsed / (tokens + 1))
+            level.completion_tokens += tokens
         else:
             key = str(status)
             level.errors[key] = level.errors.get(key, 0) + 1
@@ -166,6 +173,11 @@ async def main_async(args: argparse.Namespace) -> int:
              _ratio(lv.percentile(95), one.percentile(50)),
              100 * lv.client_cpu / lv.wall if lv.wall else math.nan]
             for lv in results]))
+        print("\nper reply token (latency / (reply tokens + 1)): whether a request waited more than its share\n")
+        print(table(["clients", "p50 ms/token", "p99 ms/token", "p99 / p50 per token", "p99 / p50 latency"], [
+            [lv.clients, lv.percentile(50, True), lv.percentile(99, True),
+             _ratio(lv.percentile(99, True), lv.percentile(50, True)),
+             _ratio(lv.percentile(99), lv.percentile(50))] for lv in results]))
         print()
         summary[strategy] = one.percentile(50)
     if "greedy" in summary and "beam" in summary:

@@ -19,8 +19,9 @@ from .training import TrainingError
 
 SHIPPED = "shipped"
 # [model] keys a run started with --init may change: they shape no weight (dropout only
-# regularises training), so the init's weights still fit.
-ADJUSTABLE_MODEL_KEYS = frozenset({"dropout"})
+# regularises training; how many turns the encoder sees and the length limits only change the
+# sequences it reads and writes), so the init's weights still fit.
+ADJUSTABLE_MODEL_KEYS = frozenset({"dropout", "context_turns", "max_source_len", "max_target_len"})
 # [train] defaults of a run started with --init, where its config and flags do not say: a lower
 # learning rate than from scratch, a short warmup, frequent validation on the user's split and
 # early stopping, half of every batch from the init's own corpus (replay): measured against a

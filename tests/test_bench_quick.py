@@ -29,6 +29,7 @@ QUICK: dict[str, tuple[list[str], list[str]]] = {
     "judge_replies.py": ([], [r"items for 4 prompts in", r"\| setting \| sensible \| specific \| SSA \|",
                               r"\| `greedy` \| 100% \| 0% \| 50% \| 4 \|"]),
     "http_load.py": ([], [r"\| clients \| ok +\| errors \| req/s", r"(?m)^\| 8 +\| 24 +\| 0 +\|",
+                          r"\| clients \| p50 ms/token \| p99 ms/token \| p99 / p50 per token",
                           r"single-client p50: beam 5 costs"]),
     "stub_server.py": ([], [r"\| clients \| ok +\| errors \| req/s", r"(?m)^\| 8 +\| 24 +\| 0 +\|"]),
     "engine_load.py --engine local": (["--engine", "local"], [

@@ -136,14 +136,19 @@ def test_fine_tuning_defaults_apply_where_the_config_is_silent(tiny_checkpoint, 
     assert cfg.train.replay_corpus == load(tiny_checkpoint).config["corpus"]["spec"]
 
 
-def test_init_may_change_dropout_which_shapes_no_weight(tiny_checkpoint, persona, tmp_path) -> None:
-    cfg = tmp_path / "more_dropout.toml"
-    cfg.write_text("[model]\ndropout = 0.35\n[train]\nmax_steps = 2\neval_every = 2\n")
+def test_init_may_change_the_keys_that_shape_no_weight(tiny_checkpoint, persona, tmp_path) -> None:
+    init = load_checkpoint(tiny_checkpoint).model.cfg
+    cfg = tmp_path / "more_context.toml"
+    cfg.write_text(f"[model]\ndropout = 0.35\ncontext_turns = {init.context_turns + 2}\n"
+                   f"max_source_len = {init.max_source_len + 8}\n[train]\nmax_steps = 2\neval_every = 2\n")
     assert main(["train", "--init", str(tiny_checkpoint), "--corpus", str(persona), "--config", str(cfg),
                  "--out", str(tmp_path / "x"), "--no-progress"]) == 0
     ck = load_checkpoint(tmp_path / "x")
     assert ck.model.cfg.dropout == 0.35
-    assert ck.model.cfg.hidden_size == load_checkpoint(tiny_checkpoint).model.cfg.hidden_size
+    assert ck.model.cfg.context_turns == init.context_turns + 2
+    assert ck.model.cfg.max_source_len == init.max_source_len + 8
+    assert ck.config["corpus"]["context_turns"] == init.context_turns + 2  # the pairs were made with it
+    assert ck.model.cfg.hidden_size == init.hidden_size
 
 
 def test_a_reverse_run_starts_from_the_inits_own_reverse_model(tiny_checkpoint_with_reverse, persona,
