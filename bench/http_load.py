@@ -173,7 +173,8 @@ async def main_async(args: argparse.Namespace) -> int:
              _ratio(lv.percentile(95), one.percentile(50)),
              100 * lv.client_cpu / lv.wall if lv.wall else math.nan]
             for lv in results]))
-        print("\nper reply token (latency / (reply tokens + 1)): whether a request waited more than its share\n")
+        print("\nper reply token (latency / (reply tokens + 1)): "
+              "whether a request waited more than its share\n")
         print(table(["clients", "p50 ms/token", "p99 ms/token", "p99 / p50 per token", "p99 / p50 latency"], [
             [lv.clients, lv.percentile(50, True), lv.percentile(99, True),
              _ratio(lv.percentile(99, True), lv.percentile(50, True)),
