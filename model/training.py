@@ -302,17 +302,19 @@ class Trainer:
                                       "training": asdict(self.cfg.train),
                                       **({"init": self.init_source} if self.init_source else {})})
 
-    def _evaluate_and_keep_best(self, train_loss: float | None) -> dict[str, Any]:
+    def _evaluate(self) -> tuple[dict[str, Any], LossStats | None]:
+        """The validation fields of the log record, and the stats to save a checkpoint with
+        when they are the best so far (None otherwise)."""
         stats = self.validate()
         improved = stats.loss < self.best_val
         if improved:
             self.best_val = stats.loss
             self.bad_evals = 0
-            self.save_best(stats)
         else:
             self.bad_evals += 1
-        return {"val_loss": round(stats.loss, 5), "val_ppl": round(stats.perplexity, 3),
-                "val_word_ppl": round(stats.word_perplexity, 3), "best": improved}
+        return ({"val_loss": round(stats.loss, 5), "val_ppl": round(stats.perplexity, 3),
+                 "val_word_ppl": round(stats.word_perplexity, 3), "best": improved},
+                stats if improved else None)
 
     # -- the loop ----------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -367,9 +369,13 @@ class Trainer:
                               "lr": self.scheduler.get_last_lr()[0],
                               "tokens_per_s": round(window_tokens / max(secs, 1e-9), 1),
                               "elapsed_s": round(self.elapsed, 1)}
+                    best = None
                     if evaluate:
-                        record.update(self._evaluate_and_keep_best(record["loss"]))
+                        fields, best = self._evaluate()
+                        record.update(fields)
                     self._log(record)
+                    if best is not None:  # after its log line: the kept checkpoint's step is always logged
+                        self.save_best(best)
                     last_record = record
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                     **({"val": f"{record['val_loss']:.3f}"} if evaluate else {}))
