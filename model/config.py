@@ -80,6 +80,10 @@ class TrainConfig:
     # of each batch's pairs drawn from it (0: none)
     replay_corpus: str = ""
     replay_ratio: float = 0.0
+    # fine-tuning: the share of the embedding's change from the init that a saved checkpoint keeps
+    # (1: all of it). The embedding is tied to the output layer, so its change is what shifts the
+    # chat most; half of it kept the persona's facts and forgot half as much (docs/FINETUNE.md).
+    embedding_blend: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -94,6 +98,8 @@ class TrainConfig:
             raise ValueError("replay_ratio must be in [0, 1)")
         if not 0.0 < self.teacher_forcing_ratio <= 1.0:
             raise ValueError("teacher_forcing_ratio must be in (0, 1]")
+        if not 0.0 <= self.embedding_blend <= 1.0:
+            raise ValueError("embedding_blend must be in [0, 1]")
 
 
 T = TypeVar("T")

@@ -31,6 +31,8 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 50, "log_every": 10, "replay_ratio": 0.5,
 }
 
+FORWARD_EMBEDDING_BLEND = 0.5
+
 
 class InitError(TrainingError):
     """An init checkpoint that cannot be used as asked; the message says why."""
@@ -83,6 +85,12 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
     corpus = (ckpt.config.get("corpus") or {}).get("spec")
     if "replay_corpus" not in asked_train and corpus:
         train["replay_corpus"] = corpus  # the init's own corpus, so that it keeps its chat
+    replays = asked_train.get("replay_ratio", train.get("replay_ratio", 0.0)) > 0
+    if "embedding_blend" not in asked_train and replays and not asked_train.get("reverse"):
+        # a run that learns new dialogue while replaying the old keeps half its embedding's change
+        # (measured on the persona, docs/FINETUNE.md: the facts kept, half the chat's loss); a
+        # reverse model only scores, and a run on the init's own corpus (replay 0) is not a blend
+        train["embedding_blend"] = FORWARD_EMBEDDING_BLEND
     model.update({k: v for k, v in asked["model"].items()
                   if k in ADJUSTABLE_MODEL_KEYS and v is not None})
     merged = {**(overrides or {}), "model": model,

@@ -8,6 +8,7 @@ step, RNGs, data position) saved atomically, on a schedule and on SIGINT/SIGTERM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import RunConfig
@@ -129,6 +131,16 @@ class Trainer:
         self.init_source = init.source if init is not None else None
         if init is not None and init.state is not None:
             self.model.load_state_dict(init.state)
+        # what a saved checkpoint's embedding blends back towards ([train] embedding_blend); a
+        # resumed run has it from its state
+        self.init_embedding: Tensor | None = None
+        if t.embedding_blend < 1.0:
+            if init is None:
+                raise TrainingError("[train] embedding_blend blends towards the init's embedding: "
+                                    "it needs --init")
+            if init.state is not None:
+                start = init.state["embedding.weight"].detach()
+                self.init_embedding = start.to(self.device, torch.float32).clone()
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "embedding" in n]
         self.optimizer = torch.optim.AdamW(
@@ -242,10 +254,16 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": _rng_to_list(self.rng.getstate()),
+            **({} if self.init_embedding is None else {"init_embedding": self.init_embedding}),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.cfg.train.embedding_blend < 1.0:
+            if "init_embedding" not in state:
+                raise TrainingError(f"cannot resume {self.out}: [train] embedding_blend changed; "
+                                    "train into a new --out directory instead")
+            self.init_embedding = state["init_embedding"].to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -297,10 +315,29 @@ class Trainer:
                    "val_word_perplexity": round(stats.word_perplexity, 3),
                    "val_pairs": stats.pairs, "train_seconds": round(self.elapsed, 1),
                    "train_tokens": self.tokens_seen}
-        save_checkpoint(self.out, self.model, self.corpus.tokenizer, metrics=metrics,
-                        extra_config={"name": self.out.name, "corpus": self.corpus.summary,
-                                      "training": asdict(self.cfg.train),
-                                      **({"init": self.init_source} if self.init_source else {})})
+        with self._blended_embedding():
+            save_checkpoint(self.out, self.model, self.corpus.tokenizer, metrics=metrics,
+                            extra_config={"name": self.out.name, "corpus": self.corpus.summary,
+                                          "training": asdict(self.cfg.train),
+                                          **({"init": self.init_source} if self.init_source else {})})
+
+    @contextlib.contextmanager
+    def _blended_embedding(self) -> Iterator[None]:
+        """The model with only `embedding_blend` of its embedding's change from the init (what a
+        checkpoint saves), then exactly as trained again. Validation and the early stop see the
+        weights as trained."""
+        if self.init_embedding is None:
+            yield
+            return
+        weight = self.model.embedding.weight
+        with torch.no_grad():
+            trained = weight.detach().clone()
+            weight.lerp_(self.init_embedding, 1.0 - self.cfg.train.embedding_blend)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                weight.copy_(trained)
 
     def _evaluate(self) -> tuple[dict[str, Any], LossStats | None]:
         """The validation fields of the log record, and the stats to save a checkpoint with

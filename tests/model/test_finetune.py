@@ -167,3 +167,39 @@ def test_a_reverse_run_starts_from_the_inits_own_reverse_model(tiny_checkpoint_w
     assert ck.config["init"]["checkpoint"] == str((init / "reverse").resolve())
     assert ck.config["training"]["reverse"] is True
     assert ck.config["corpus"]["pairs"]["train"] > 0
+
+
+def test_a_saved_checkpoint_keeps_the_embedding_blend_of_its_change_and_training_goes_on_unblended(
+        tiny_checkpoint, persona, tmp_path) -> None:
+    from model.finetune import FORWARD_EMBEDDING_BLEND
+
+    out = tmp_path / "ft"
+    run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False,
+                 overrides={"train": {"max_steps": 6, "eval_every": 6, "learning_rate": 1e-2,
+                                      "warmup_steps": 0, "num_threads": 1, "precision": "fp32"}})
+    assert load_checkpoint(out).config["training"]["embedding_blend"] == FORWARD_EMBEDDING_BLEND == 0.5
+    init = load_file(tiny_checkpoint / "model.safetensors")
+    saved = load_file(out / "model.safetensors")
+    trained = torch.load(out / "train_state.pt", weights_only=True)["model"]
+    emb = "embedding.weight"
+    assert not torch.equal(trained[emb], init[emb])
+    assert torch.allclose(saved[emb], 0.5 * init[emb] + 0.5 * trained[emb], atol=1e-6)
+    for k in saved:  # everything else as trained
+        if k != emb:
+            assert torch.equal(saved[k], trained[k]), k
+
+
+def test_embedding_blend_is_off_for_reverse_runs_runs_without_replay_and_runs_from_scratch(
+        tiny_checkpoint, persona, tmp_path, capsys) -> None:
+    from model.checkpoint import load_checkpoint as load
+    from model.finetune import config_from_init
+
+    init = load(tiny_checkpoint)
+    assert config_from_init(init, None, {"train": {"reverse": True}}).train.embedding_blend == 1.0
+    assert config_from_init(init, None, {"train": {"replay_ratio": 0.0}}).train.embedding_blend == 1.0
+    assert config_from_init(init, None, None).train.embedding_blend == 0.5
+    cfg = tmp_path / "blend.toml"
+    cfg.write_text("[train]\nembedding_blend = 0.5\nmax_steps = 2\n")
+    assert main(["train", "--corpus", str(persona), "--config", str(cfg), "--out", str(tmp_path / "x"),
+                 "--no-progress"]) == 2
+    assert "embedding_blend" in capsys.readouterr().err
