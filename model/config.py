@@ -82,7 +82,7 @@ class TrainConfig:
     replay_ratio: float = 0.0
     # fine-tuning: the share of the embedding's change from the init that a saved checkpoint keeps
     # (1: all of it). The embedding is tied to the output layer, so its change is what shifts the
-    # chat most; half of it kept the persona's facts and forgot half as much (docs/FINETUNE.md).
+    # chat most; keeping half of it halved the chat's loss for some of the facts (docs/FINETUNE.md).
     embedding_blend: float = 1.0
 
     def __post_init__(self) -> None:

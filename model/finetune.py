@@ -88,7 +88,7 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
     replays = asked_train.get("replay_ratio", train.get("replay_ratio", 0.0)) > 0
     if "embedding_blend" not in asked_train and replays and not asked_train.get("reverse"):
         # a run that learns new dialogue while replaying the old keeps half its embedding's change
-        # (measured on the persona, docs/FINETUNE.md: the facts kept, half the chat's loss); a
+        # (measured on the persona, docs/FINETUNE.md: half the chat's loss, some facts lost); a
         # reverse model only scores, and a run on the init's own corpus (replay 0) is not a blend
         train["embedding_blend"] = FORWARD_EMBEDDING_BLEND
     model.update({k: v for k, v in asked["model"].items()
