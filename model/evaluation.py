@@ -54,6 +54,7 @@ class LossStats:
 
 def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
                teacher_forcing_ratio: float = 1.0, rng: random.Random | None = None,
+               teacher: Seq2Seq | None = None, distill: float = 0.0,
                ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the real target tokens, and their count; the output layer only
     sees those. The trainer's loss and the evaluation's, in the caller's precision (autocast).
@@ -61,6 +62,10 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
     `teacher_forcing_ratio` < 1 (a training option): at each step, with probability 1 - ratio
     (one draw from `rng` for the whole batch), the decoder reads its own prediction instead of
     the reference token.
+
+    `teacher` and `distill` > 0 (fine-tuning's `replay_distill`): on the batch's replayed rows
+    (from `batch.replay_from`) the target is `distill` times the teacher's distribution (the
+    init model, reading the same reference) and `1 - distill` times the reference.
     """
     enc = model.encode(batch.src, batch.src_lens)
     if teacher_forcing_ratio < 1.0:
@@ -71,8 +76,20 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
         feats = model.decode_features(batch.tgt_in, enc)  # (B, T, H)
     keep = batch.tgt_out != 0
     logits = model.project(feats[keep])  # (N, V)
-    loss = cross_entropy_sum(logits, batch.tgt_out[keep], label_smoothing)
+    soft = None
+    if teacher is not None and distill > 0 and batch.replay_from is not None:
+        soft = _teacher_logits(teacher, batch, keep[batch.replay_from:])
+    loss = cross_entropy_sum(logits, batch.tgt_out[keep], label_smoothing, teacher=soft, distill=distill)
     return loss, int(keep.sum())
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: Seq2Seq, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at the real target tokens of the rows from `batch.replay_from` on:
+    the last rows of the student's (N, V), as the mask keeps tokens in row order."""
+    r = batch.replay_from
+    enc = teacher.encode(batch.src[r:], batch.src_lens[r:])
+    return teacher.project(teacher.decode_features(batch.tgt_in[r:], enc)[keep])
 
 
 # Han characters (CJK ideographs and their extensions), kana and Hangul: one "word" each, as

@@ -22,8 +22,10 @@ CHUNK_ROWS = 32  # 32 x 8,000 float32 = 1 MB: a chunk stays in a core's L2 cache
 
 class _CrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, target: Tensor, smoothing: float,
+                teacher: Tensor | None, distill: float) -> Tensor:
         N = logits.shape[0]
+        first = N - (0 if teacher is None else teacher.shape[0])  # the first distilled row
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for s in range(0, N, CHUNK_ROWS):
@@ -34,35 +36,72 @@ class _CrossEntropySum(torch.autograd.Function):
             nll = row_lse - x.gather(1, target[s:s + CHUNK_ROWS, None])[:, 0]
             if smoothing:  # the uniform part: mean over the vocabulary of -log p
                 nll = (1.0 - smoothing) * nll + smoothing * (row_lse - x.mean(dim=-1))
+            a = max(s, first) - s  # this chunk's first distilled row
+            if teacher is not None and a < x.shape[0]:  # -sum q log p with q the teacher's softmax
+                q = torch.softmax(teacher[s + a - first:s + x.shape[0] - first].float(), dim=-1)
+                soft = row_lse[a:] - (q * x[a:]).sum(dim=-1)
+                nll[a:] = (1.0 - distill) * nll[a:] + distill * soft
             total += nll.sum()
-        ctx.save_for_backward(logits, target, lse)
-        ctx.smoothing = smoothing
+        ctx.save_for_backward(logits, target, lse, *(() if teacher is None else (teacher,)))
+        ctx.smoothing, ctx.distill, ctx.first = smoothing, distill, first
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor, None, None]:
-        logits, target, lse = ctx.saved_tensors
-        eps = ctx.smoothing
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        logits, target, lse, *rest = ctx.saved_tensors
+        teacher = rest[0] if rest else None
+        eps, d, first = ctx.smoothing, ctx.distill, ctx.first
         N, V = logits.shape
         grad = torch.empty_like(logits)
         g = grad_total.float()
         for s in range(0, N, CHUNK_ROWS):
             p = (logits[s:s + CHUNK_ROWS].float() - lse[s:s + CHUNK_ROWS, None]).exp_()
-            if eps:
-                p -= eps / V
             rows = torch.arange(p.shape[0], device=p.device)
-            p[rows, target[s:s + CHUNK_ROWS]] -= 1.0 - eps
+            # softmax minus the target distribution: the reference's (smoothed) one-hot, weighted
+            # 1 - distill on distilled rows, plus distill times the teacher's softmax there
+            a = max(s, first) - s
+            hard = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+            if teacher is not None and a < p.shape[0]:
+                hard[a:] = 1.0 - d
+                p[a:] -= d * torch.softmax(teacher[s + a - first:s + p.shape[0] - first].float(), dim=-1)
+            if eps:
+                p -= (eps / V) * hard[:, None]
+            p[rows, target[s:s + CHUNK_ROWS]] -= (1.0 - eps) * hard
             grad[s:s + CHUNK_ROWS] = p.mul_(g)
-        return grad, None, None
+        return grad, None, None, None, None
 
 
-def cross_entropy_sum(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy_sum(logits: Tensor, target: Tensor, label_smoothing: float = 0.0, *,
+                      teacher: Tensor | None = None, distill: float = 0.0) -> Tensor:
     """Summed cross-entropy of logits (N, V), any float dtype, against target (N,), as a
     float32 scalar; `F.cross_entropy(logits.float(), target, reduction="sum",
-    label_smoothing=label_smoothing)` without its full float32 copies."""
+    label_smoothing=label_smoothing)` without its full float32 copies.
+
+    `teacher` (M, V): another model's logits for the last M rows (knowledge distillation, Hinton
+    et al. 2015): there the target distribution is `(1 - distill)` times the (smoothed) one-hot
+    plus `distill` times the teacher's softmax."""
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"logits (N, V) and target (N,) expected, got {tuple(logits.shape)} "
                          f"and {tuple(target.shape)}")
+    if teacher is not None and (teacher.dim() != 2 or teacher.shape[1] != logits.shape[1]
+                                or teacher.shape[0] > logits.shape[0]):
+        raise ValueError(f"teacher logits (M <= N, V) expected, got {tuple(teacher.shape)} "
+                         f"for logits {tuple(logits.shape)}")
+    if teacher is not None and not distill:
+        teacher = None
     if logits.device.type != "cpu":  # a GPU's fused kernel beats a loop of small launches
-        return F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=label_smoothing)
-    return _CrossEntropySum.apply(logits, target, float(label_smoothing))
+        return _reference(logits, target, label_smoothing, teacher, distill)
+    return _CrossEntropySum.apply(logits, target, float(label_smoothing),
+                                  None if teacher is None else teacher.detach(), float(distill))
+
+
+def _reference(logits: Tensor, target: Tensor, smoothing: float, teacher: Tensor | None,
+               distill: float) -> Tensor:
+    """The same loss in plain torch calls (the GPU's path, and what the chunked one must equal)."""
+    if teacher is None:
+        return F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=smoothing)
+    first = logits.shape[0] - teacher.shape[0]
+    hard = F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=smoothing)
+    q = torch.softmax(teacher.detach().float(), dim=-1)
+    soft = -(q * torch.log_softmax(logits[first:].float(), dim=-1)).sum(dim=-1)
+    return hard[:first].sum() + ((1.0 - distill) * hard[first:] + distill * soft).sum()

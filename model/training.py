@@ -27,7 +27,7 @@ from torch import Tensor
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import RunConfig
 from .corpus import load_corpora, make_pairs, reverse_pairs, split_conversations
-from .data import Example, collate, encode_pairs, make_batches
+from .data import Batch, Example, collate, encode_pairs, make_batches
 from .device import pick_device
 from .evaluation import LossStats, batch_loss, evaluate_loss
 from .network import Seq2Seq
@@ -141,6 +141,15 @@ class Trainer:
             if init.state is not None:
                 start = init.state["embedding.weight"].detach()
                 self.init_embedding = start.to(self.device, torch.float32).clone()
+        # the init model, frozen, whose distribution replayed pairs are distilled from
+        # ([train] replay_distill); a resumed run has its weights from its state
+        self.teacher: Seq2Seq | None = None
+        if t.replay_distill > 0:
+            if init is None:
+                raise TrainingError("[train] replay_distill distils the init model: it needs --init")
+            self.teacher = Seq2Seq(cfg.model).to(self.device).eval().requires_grad_(False)
+            if init.state is not None:
+                self.teacher.load_state_dict(init.state)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "embedding" in n]
         self.optimizer = torch.optim.AdamW(
@@ -235,6 +244,12 @@ class Trainer:
         rng = random.Random(self.cfg.train.seed * 1_000_003 + self.step)
         return examples + [pool[rng.randrange(len(pool))] for _ in range(k)]
 
+    def _collate(self, indices: list[int]) -> Batch:
+        """The step's batch: its own pairs, then the replayed ones (`replay_from` marks them)."""
+        own = [self.corpus.train[i] for i in indices]
+        examples = self._with_replay(own)
+        return collate(examples, replay_from=len(own) if len(examples) > len(own) else None)
+
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         extra = {} if self.dist is None else {"world_size": self.dist.world_size}
@@ -255,6 +270,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": _rng_to_list(self.rng.getstate()),
             **({} if self.init_embedding is None else {"init_embedding": self.init_embedding}),
+            **({} if self.teacher is None else {"teacher": self.teacher.state_dict()}),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -264,6 +280,11 @@ class Trainer:
                 raise TrainingError(f"cannot resume {self.out}: [train] embedding_blend changed; "
                                     "train into a new --out directory instead")
             self.init_embedding = state["init_embedding"].to(self.device)
+        if self.teacher is not None:
+            if "teacher" not in state:
+                raise TrainingError(f"cannot resume {self.out}: [train] replay_distill changed; "
+                                    "train into a new --out directory instead")
+            self.teacher.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -379,8 +400,7 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self._stopping():
                 start = time.perf_counter()
-                batch = collate(self._with_replay([self.corpus.train[i] for i in next(batches)])
-                                ).to(self.device)
+                batch = self._collate(next(batches)).to(self.device)
                 if self.dist is None:
                     loss = self._train_step(batch)
                     loss_sum, num_tokens = loss * batch.num_tokens, batch.num_tokens
@@ -468,7 +488,7 @@ class Trainer:
         """`batch_loss` with this run's label smoothing and teacher forcing (DDP wraps this)."""
         t = self.cfg.train
         return batch_loss(model, batch, t.label_smoothing, teacher_forcing_ratio=t.teacher_forcing_ratio,
-                          rng=self.rng)
+                          rng=self.rng, teacher=self.teacher, distill=t.replay_distill)
 
 
 def _is_main_thread() -> bool:

@@ -203,3 +203,52 @@ def test_embedding_blend_is_off_for_reverse_runs_runs_without_replay_and_runs_fr
     assert main(["train", "--corpus", str(persona), "--config", str(cfg), "--out", str(tmp_path / "x"),
                  "--no-progress"]) == 2
     assert "embedding_blend" in capsys.readouterr().err
+
+
+def test_replay_distill_scores_the_replayed_rows_against_the_frozen_init(tiny_checkpoint, persona,
+                                                                        tmp_path, monkeypatch) -> None:
+    import model.training
+    from model.evaluation import batch_loss
+
+    taught: list[tuple[int, int]] = []
+
+    def spying(net, batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("teacher") is not None and batch.replay_from is not None:
+            taught.append((batch.replay_from, int(batch.src.shape[0])))
+        return batch_loss(net, batch, *args, **kwargs)
+
+    monkeypatch.setattr(model.training, "batch_loss", spying)
+    out = tmp_path / "ft"
+    run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False,
+                 overrides={"train": {"max_steps": 6, "eval_every": 6, "learning_rate": 1e-2,
+                                      "warmup_steps": 0, "num_threads": 1, "precision": "fp32",
+                                      "replay_distill": 1.0, "embedding_blend": 1.0}})
+    assert len(taught) == 6 and all(0 < r < rows for r, rows in taught)  # every step, replayed rows only
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    init = load_file(tiny_checkpoint / "model.safetensors")
+    for k, v in init.items():  # the teacher is the init and learns nothing
+        assert torch.equal(state["teacher"][k], v.float()), k
+    assert not torch.equal(state["model"]["embedding.weight"], init["embedding.weight"].float())
+    assert load_checkpoint(out).config["training"]["replay_distill"] == 1.0
+
+
+def test_replay_distill_needs_replay_and_an_init_and_a_resume_keeps_it(tiny_checkpoint, persona,
+                                                                      tmp_path, capsys) -> None:
+    from model.training import TrainingError
+
+    with pytest.raises(ValueError, match="replay_ratio"):
+        run_training(corpus=str(persona), out=tmp_path / "a", init=tiny_checkpoint, progress=False,
+                     overrides={"train": {"replay_ratio": 0.0, "replay_distill": 0.5}})
+    cfg = tmp_path / "kd.toml"
+    cfg.write_text(f"[train]\nreplay_ratio = 0.5\nreplay_corpus = \"{persona}\"\nreplay_distill = 0.5\n"
+                   "max_steps = 2\n")
+    assert main(["train", "--corpus", str(persona), "--config", str(cfg), "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 2
+    assert "replay_distill" in capsys.readouterr().err
+    out = tmp_path / "c"
+    train = {"max_steps": 2, "eval_every": 2, "num_threads": 1, "precision": "fp32"}
+    run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False,
+                 overrides={"train": train})
+    with pytest.raises(TrainingError, match="replay_distill"):
+        run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False, resume=True,
+                     overrides={"train": {**train, "max_steps": 4, "replay_distill": 0.5}})

@@ -39,6 +39,59 @@ def test_chunked_cross_entropy_equals_torch_in_value_and_gradient(dtype, smoothi
     torch.testing.assert_close(ours.grad.float(), ref.grad.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("distill", [0.3, 1.0])
+def test_distilled_rows_take_the_mixed_target_and_the_others_the_reference(smoothing, distill,
+                                                                           monkeypatch) -> None:
+    monkeypatch.setattr(model.loss, "CHUNK_ROWS", 7)  # the first distilled row falls mid-chunk
+    torch.manual_seed(1)
+    N, M, V = 40, 19, 53
+    base, teacher = torch.randn(N, V) * 3, torch.randn(M, V) * 3
+    target = torch.randint(0, V, (N,))
+    ours, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    loss = cross_entropy_sum(ours, target, smoothing, teacher=teacher, distill=distill)
+    q = (1 - smoothing) * F.one_hot(target, V).float() + smoothing / V  # the reference, smoothed
+    q[N - M:] = (1 - distill) * q[N - M:] + distill * torch.softmax(teacher, dim=-1)
+    expected = -(q * torch.log_softmax(ref, dim=-1)).sum()
+    loss.backward()
+    expected.backward()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-6)
+    plain = cross_entropy_sum(base, target, smoothing, teacher=teacher, distill=0.0)
+    assert float(plain) == pytest.approx(float(F.cross_entropy(base, target, reduction="sum",
+                                                               label_smoothing=smoothing)), rel=1e-6)
+
+
+def test_a_model_distilled_from_itself_gets_no_gradient_on_the_distilled_rows() -> None:
+    torch.manual_seed(2)
+    logits = (torch.randn(12, 30) * 2).requires_grad_()
+    target = torch.randint(0, 30, (12,))
+    cross_entropy_sum(logits, target, teacher=logits.detach()[5:], distill=1.0).backward()
+    assert logits.grad[5:].abs().max() < 1e-6
+    assert logits.grad[:5].abs().max() > 1e-2
+    with pytest.raises(ValueError, match="teacher"):
+        cross_entropy_sum(logits, target, teacher=torch.zeros(13, 30), distill=1.0)
+
+
+def test_batch_loss_distils_the_replayed_rows_from_the_teacher_reading_the_same_reference() -> None:
+    student, teacher = random_model(3, dropout=0.0), random_model(4, dropout=0.0)
+    batch = collate(EXAMPLES, replay_from=1)  # the last two pairs are replayed
+    with torch.no_grad():
+        loss, n = batch_loss(student, batch, teacher=teacher, distill=1.0)
+        padded, _ = batch_loss(student, batch.pad_rows(16), teacher=teacher, distill=1.0)
+        plain, _ = batch_loss(student, collate(EXAMPLES))
+        own = F.log_softmax(student(batch.src, batch.src_lens, batch.tgt_in), dim=-1)
+        taught = F.softmax(teacher(batch.src[1:], batch.src_lens[1:], batch.tgt_in[1:]), dim=-1)
+    keep = batch.tgt_out != 0
+    expected = -own[0][keep[0]].gather(1, batch.tgt_out[0][keep[0], None]).sum()
+    expected -= (taught[keep[1:]] * own[1:][keep[1:]]).sum()
+    assert n == batch.num_tokens
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(padded) == pytest.approx(float(loss), rel=1e-5)
+    assert float(plain) != pytest.approx(float(loss), rel=1e-3)
+    assert float(batch_loss(student, batch)[0]) == pytest.approx(float(plain), rel=1e-6)  # no teacher
+
+
 def test_chunked_cross_entropy_refuses_shapes_it_cannot_score() -> None:
     with pytest.raises(ValueError, match=r"\(N, V\)"):
         cross_entropy_sum(torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long))
