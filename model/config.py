@@ -84,6 +84,10 @@ class TrainConfig:
     # (1: all of it). The embedding is tied to the output layer, so its change is what shifts the
     # chat most; keeping half of it halved the chat's loss for some of the facts (docs/FINETUNE.md).
     embedding_blend: float = 1.0
+    # fine-tuning, with embedding_blend < 1: the rows of the tokens the run's own corpus uses at
+    # least this many times as often as the replay corpus (its names and topics) keep all their
+    # change (0: every row is blended)
+    embedding_own_words: float = 0.0
     # fine-tuning: on replayed pairs, the share of the target that is the init model's own
     # distribution instead of the reference (knowledge distillation; 0: the reference only), so
     # that the chat the init had is what replay keeps
@@ -104,6 +108,8 @@ class TrainConfig:
             raise ValueError("teacher_forcing_ratio must be in (0, 1]")
         if not 0.0 <= self.embedding_blend <= 1.0:
             raise ValueError("embedding_blend must be in [0, 1]")
+        if self.embedding_own_words < 0:
+            raise ValueError("embedding_own_words must be >= 0")
         if not 0.0 <= self.replay_distill <= 1.0:
             raise ValueError("replay_distill must be in [0, 1]")
         if self.replay_distill and not self.replay_ratio:

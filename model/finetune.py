@@ -31,7 +31,11 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 50, "log_every": 10, "replay_ratio": 0.5,
 }
 
-FORWARD_EMBEDDING_BLEND = 0.5
+# a forward run that replays: half of the embedding's change kept, but all of it in the rows of the
+# corpus's own words (10 times as frequent as in the replay corpus), and half of each replayed
+# target the init's own distribution; measured on the persona (docs/FINETUNE.md)
+FORWARD_REPLAY_DEFAULTS: dict[str, Any] = {"embedding_blend": 0.5, "embedding_own_words": 10.0,
+                                           "replay_distill": 0.5}
 
 
 class InitError(TrainingError):
@@ -86,11 +90,11 @@ def config_from_init(ckpt: Checkpoint, config: Path | None,
     if "replay_corpus" not in asked_train and corpus:
         train["replay_corpus"] = corpus  # the init's own corpus, so that it keeps its chat
     replays = asked_train.get("replay_ratio", train.get("replay_ratio", 0.0)) > 0
-    if "embedding_blend" not in asked_train and replays and not asked_train.get("reverse"):
-        # a run that learns new dialogue while replaying the old keeps half its embedding's change
-        # (measured on the persona, docs/FINETUNE.md: half the chat's loss, some facts lost); a
-        # reverse model only scores, and a run on the init's own corpus (replay 0) is not a blend
-        train["embedding_blend"] = FORWARD_EMBEDDING_BLEND
+    if replays and not asked_train.get("reverse"):
+        # a run that learns new dialogue while replaying the old keeps less of what drifts from the
+        # init (measured on the persona, docs/FINETUNE.md: half the chat's loss, the facts kept);
+        # a reverse model only scores, and a run on the init's own corpus (replay 0) is not a blend
+        train.update({k: v for k, v in FORWARD_REPLAY_DEFAULTS.items() if k not in asked_train})
     model.update({k: v for k, v in asked["model"].items()
                   if k in ADJUSTABLE_MODEL_KEYS and v is not None})
     merged = {**(overrides or {}), "model": model,

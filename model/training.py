@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .blend import own_words, row_blend
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import RunConfig
 from .corpus import load_corpora, make_pairs, reverse_pairs, split_conversations
@@ -141,6 +142,12 @@ class Trainer:
             if init.state is not None:
                 start = init.state["embedding.weight"].detach()
                 self.init_embedding = start.to(self.device, torch.float32).clone()
+            spared = None
+            if t.embedding_own_words > 0 and corpus.replay:
+                spared = own_words(corpus.train, corpus.replay, cfg.model.vocab_size, t.embedding_own_words)
+                log.info("embedding blend %.2f; %d rows of the corpus's own words keep all their change",
+                         t.embedding_blend, int(spared.sum()))
+            self.row_blend = row_blend(t.embedding_blend, spared, cfg.model.vocab_size).to(self.device)
         # the init model, frozen, whose distribution replayed pairs are distilled from
         # ([train] replay_distill); a resumed run has its weights from its state
         self.teacher: Seq2Seq | None = None
@@ -353,7 +360,7 @@ class Trainer:
         weight = self.model.embedding.weight
         with torch.no_grad():
             trained = weight.detach().clone()
-            weight.lerp_(self.init_embedding, 1.0 - self.cfg.train.embedding_blend)
+            weight.lerp_(self.init_embedding, (1.0 - self.row_blend)[:, None])
         try:
             yield
         finally:

@@ -169,24 +169,47 @@ def test_a_reverse_run_starts_from_the_inits_own_reverse_model(tiny_checkpoint_w
     assert ck.config["corpus"]["pairs"]["train"] > 0
 
 
-def test_a_saved_checkpoint_keeps_the_embedding_blend_of_its_change_and_training_goes_on_unblended(
+def test_a_saved_checkpoint_keeps_the_embedding_blend_of_its_change_but_the_own_words_rows_all(
         tiny_checkpoint, persona, tmp_path) -> None:
-    from model.finetune import FORWARD_EMBEDDING_BLEND
+    from model.blend import own_words
+    from model.finetune import FORWARD_REPLAY_DEFAULTS, config_from_init
+    from model.training import prepare_corpus
 
     out = tmp_path / "ft"
+    train = {"max_steps": 6, "eval_every": 6, "learning_rate": 1e-2, "warmup_steps": 0, "num_threads": 1,
+             "precision": "fp32"}
     run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False,
-                 overrides={"train": {"max_steps": 6, "eval_every": 6, "learning_rate": 1e-2,
-                                      "warmup_steps": 0, "num_threads": 1, "precision": "fp32"}})
-    assert load_checkpoint(out).config["training"]["embedding_blend"] == FORWARD_EMBEDDING_BLEND == 0.5
+                 overrides={"train": train})
+    kept = load_checkpoint(out).config["training"]
+    assert {k: kept[k] for k in FORWARD_REPLAY_DEFAULTS} == FORWARD_REPLAY_DEFAULTS
+    assert FORWARD_REPLAY_DEFAULTS["embedding_blend"] == 0.5
+    cfg = config_from_init(load_checkpoint(tiny_checkpoint), None, {"train": train})
+    data = prepare_corpus(str(persona), cfg, load_checkpoint(tiny_checkpoint).tokenizer)
+    spared = own_words(data.train, data.replay, cfg.model.vocab_size, kept["embedding_own_words"])
+    assert 0 < int(spared.sum()) < cfg.model.vocab_size
     init = load_file(tiny_checkpoint / "model.safetensors")
     saved = load_file(out / "model.safetensors")
     trained = torch.load(out / "train_state.pt", weights_only=True)["model"]
     emb = "embedding.weight"
-    assert not torch.equal(trained[emb], init[emb])
-    assert torch.allclose(saved[emb], 0.5 * init[emb] + 0.5 * trained[emb], atol=1e-6)
+    assert not torch.equal(trained[emb][~spared], init[emb][~spared])
+    assert torch.allclose(saved[emb][~spared], 0.5 * init[emb][~spared] + 0.5 * trained[emb][~spared],
+                          atol=1e-6)
+    assert torch.equal(saved[emb][spared], trained[emb][spared])  # the corpus's own words: as trained
     for k in saved:  # everything else as trained
         if k != emb:
             assert torch.equal(saved[k], trained[k]), k
+
+
+def test_own_words_are_the_tokens_far_more_frequent_in_the_runs_corpus_than_in_the_replay() -> None:
+    from model.blend import own_words, row_blend
+
+    own = [([5, 5], [6, 2]), ([5], [2])]  # 5: half of the tokens; 6: a sixth; 2: a third
+    replay = [([6] * 50, [7] * 49 + [2])] * 2  # 6: half; 7: 49%; 2: 1%; 5 never
+    spared = own_words(own, replay, 10, ratio=10.0)
+    assert spared.nonzero().flatten().tolist() == [2, 5]  # 2: 1/3 > 10 x (2 + 1) / 201
+    assert own_words(own, replay, 10, ratio=40.0).nonzero().flatten().tolist() == [5]
+    assert row_blend(0.5, spared, 10).tolist() == [0.5, 0.5, 1.0, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 0.5]
+    assert row_blend(0.25, None, 3).tolist() == [0.25] * 3
 
 
 def test_embedding_blend_is_off_for_reverse_runs_runs_without_replay_and_runs_from_scratch(
@@ -198,6 +221,9 @@ def test_embedding_blend_is_off_for_reverse_runs_runs_without_replay_and_runs_fr
     assert config_from_init(init, None, {"train": {"reverse": True}}).train.embedding_blend == 1.0
     assert config_from_init(init, None, {"train": {"replay_ratio": 0.0}}).train.embedding_blend == 1.0
     assert config_from_init(init, None, None).train.embedding_blend == 0.5
+    for off in ({"reverse": True}, {"replay_ratio": 0.0}):  # nor the own words' rows, nor distillation
+        cfg = config_from_init(init, None, {"train": off}).train
+        assert cfg.embedding_own_words == 0.0 and cfg.replay_distill == 0.0
     cfg = tmp_path / "blend.toml"
     cfg.write_text("[train]\nembedding_blend = 0.5\nmax_steps = 2\n")
     assert main(["train", "--corpus", str(persona), "--config", str(cfg), "--out", str(tmp_path / "x"),
@@ -246,7 +272,7 @@ def test_replay_distill_needs_replay_and_an_init_and_a_resume_keeps_it(tiny_chec
                  "--no-progress"]) == 2
     assert "replay_distill" in capsys.readouterr().err
     out = tmp_path / "c"
-    train = {"max_steps": 2, "eval_every": 2, "num_threads": 1, "precision": "fp32"}
+    train = {"max_steps": 2, "eval_every": 2, "num_threads": 1, "precision": "fp32", "replay_distill": 0.0}
     run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False,
                  overrides={"train": train})
     with pytest.raises(TrainingError, match="replay_distill"):
