@@ -149,14 +149,16 @@ class Trainer:
                          t.embedding_blend, int(spared.sum()))
             self.row_blend = row_blend(t.embedding_blend, spared, cfg.model.vocab_size).to(self.device)
         # the init model, frozen, whose distribution replayed pairs are distilled from
-        # ([train] replay_distill); a resumed run has its weights from its state
+        # ([train] replay_distill; none without replayed pairs); a resumed run has its weights from
+        # its state
         self.teacher: Seq2Seq | None = None
         if t.replay_distill > 0:
             if init is None:
                 raise TrainingError("[train] replay_distill distils the init model: it needs --init")
-            self.teacher = Seq2Seq(cfg.model).to(self.device).eval().requires_grad_(False)
-            if init.state is not None:
-                self.teacher.load_state_dict(init.state)
+            if corpus.replay:
+                self.teacher = Seq2Seq(cfg.model).to(self.device).eval().requires_grad_(False)
+                if init.state is not None:
+                    self.teacher.load_state_dict(init.state)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "embedding" in n]
         self.optimizer = torch.optim.AdamW(
