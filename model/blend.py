@@ -4,9 +4,9 @@
 init)`, the rest of the model as trained. The embedding is tied to the output layer, and most of
 its change is drift that costs the init's chat, spread over every row (Adam moves rows whose
 gradients are tiny as far as the others). `[train] embedding_own_words` r > 0 spares the rows that
-carry what the run came to learn: the tokens the run's own corpus uses at least r times as often
+carry what the run came to learn: the tokens the run's own corpus uses more than r times as often
 (per token of each corpus) as the replay corpus does, its names and topics, keep all of their
-change (docs/FINETUNE.md, "The user's own words keep their change").
+change (docs/FINETUNE.md, "The corpus's own words keep their change, and the replay is distilled").
 """
 
 from __future__ import annotations

@@ -84,9 +84,9 @@ class TrainConfig:
     # (1: all of it). The embedding is tied to the output layer, so its change is what shifts the
     # chat most; keeping half of it halved the chat's loss for some of the facts (docs/FINETUNE.md).
     embedding_blend: float = 1.0
-    # fine-tuning, with embedding_blend < 1: the rows of the tokens the run's own corpus uses at
-    # least this many times as often as the replay corpus (its names and topics) keep all their
-    # change (0: every row is blended)
+    # fine-tuning, with embedding_blend < 1: the rows of the tokens the run's own corpus uses more
+    # than this many times as often as the replay corpus (its names and topics) keep all their
+    # change (0: every row is blended; model/blend.py)
     embedding_own_words: float = 0.0
     # fine-tuning: on replayed pairs, the share of the target that is the init model's own
     # distribution instead of the reference (knowledge distillation; 0: the reference only), so
