@@ -92,6 +92,12 @@ class TrainConfig:
     # distribution instead of the reference (knowledge distillation; 0: the reference only), so
     # that the chat the init had is what replay keeps
     replay_distill: float = 0.0
+    # fine-tuning: an in-batch contrastive term on the run's own pairs (model/contrast.py): each
+    # reply must be more likely, by `contrast_margin` nats per token, than the reply of another own
+    # pair of the batch that shares none of the corpus's own words, weighted by this (0: off), so a
+    # question's wording picks its own fact rather than the most likely one
+    contrast_weight: float = 0.0
+    contrast_margin: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -117,6 +123,13 @@ class TrainConfig:
         if self.replay_distill and self.teacher_forcing_ratio < 1.0:
             raise ValueError("replay_distill needs teacher_forcing_ratio = 1 (the teacher reads "
                              "the reference)")
+        if self.contrast_weight < 0:
+            raise ValueError("contrast_weight must be >= 0")
+        if self.contrast_margin <= 0:
+            raise ValueError("contrast_margin must be > 0")
+        if self.contrast_weight and self.teacher_forcing_ratio < 1.0:
+            raise ValueError("contrast_weight needs teacher_forcing_ratio = 1 (replies are scored "
+                             "as they are written)")
 
 
 T = TypeVar("T")

@@ -29,10 +29,13 @@ class Batch:
     tgt_out: Tensor  # (B, T) target + EOS, PAD where there is none
     num_tokens: int  # target tokens (EOS included)
     replay_from: int | None = None  # rows from here on are replayed pairs (fine-tuning)
+    # (K, 2) rows (i, j), i increasing: row j's reply is row i's negative (model/contrast.py)
+    negatives: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.src.to(device), self.src_lens, self.tgt_in.to(device),
-                     self.tgt_out.to(device), self.num_tokens, self.replay_from)
+                     self.tgt_out.to(device), self.num_tokens, self.replay_from,
+                     None if self.negatives is None else self.negatives.to(device))
 
     def pad_rows(self, multiple: int) -> Batch:
         """The batch with empty rows added up to a multiple of `multiple` rows: a source of one
@@ -46,7 +49,8 @@ class Batch:
             return torch.cat([t, t.new_full((extra, *t.shape[1:]), PAD_ID)])
 
         return Batch(grow(self.src), torch.cat([self.src_lens, self.src_lens.new_ones(extra)]),
-                     grow(self.tgt_in), grow(self.tgt_out), self.num_tokens, self.replay_from)
+                     grow(self.tgt_in), grow(self.tgt_out), self.num_tokens, self.replay_from,
+                     self.negatives)
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, cfg: ModelConfig) -> list[Example]:
@@ -75,7 +79,8 @@ def collate_sources(sources: Sequence[Sequence[int]], device: torch.device | str
     return src.to(device), torch.tensor(lens, dtype=torch.long)
 
 
-def collate(examples: Sequence[Example], replay_from: int | None = None) -> Batch:
+def collate(examples: Sequence[Example], replay_from: int | None = None,
+            negatives: Sequence[tuple[int, int]] = ()) -> Batch:
     src, src_lens = collate_sources([e[0] for e in examples])
     T = max(len(e[1]) for e in examples)
     tgt_in = torch.full((len(examples), T), PAD_ID, dtype=torch.long)
@@ -84,7 +89,8 @@ def collate(examples: Sequence[Example], replay_from: int | None = None) -> Batc
         tgt_out[i, : len(tgt)] = torch.tensor(tgt)
         tgt_in[i, 0] = BOS_ID
         tgt_in[i, 1: len(tgt)] = torch.tensor(tgt[:-1])
-    return Batch(src, src_lens, tgt_in, tgt_out, sum(len(e[1]) for e in examples), replay_from)
+    pairs = torch.tensor(list(negatives), dtype=torch.long).view(-1, 2) if negatives else None
+    return Batch(src, src_lens, tgt_in, tgt_out, sum(len(e[1]) for e in examples), replay_from, pairs)
 
 
 def make_batches(examples: Sequence[Example], *, batch_size: int, max_tokens: int,

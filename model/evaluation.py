@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .contrast import hinge, mean_logprobs
 from .data import Batch, Example, collate, make_batches
 from .decoding import DEFAULT_NO_REPEAT_NGRAM_SIZE, DecodeOptions
 from .inference import decode_sources
 from .loss import cross_entropy_sum
-from .network import Seq2Seq
+from .network import EncoderOutput, Seq2Seq
 from .tokenizer import Tokenizer
 
 SAMPLE_PROMPTS = (
@@ -55,6 +56,7 @@ class LossStats:
 def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
                teacher_forcing_ratio: float = 1.0, rng: random.Random | None = None,
                teacher: Seq2Seq | None = None, distill: float = 0.0,
+               contrast_weight: float = 0.0, contrast_margin: float = 1.0,
                ) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the real target tokens, and their count; the output layer only
     sees those. The trainer's loss and the evaluation's, in the caller's precision (autocast).
@@ -66,6 +68,10 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
     `teacher` and `distill` > 0 (fine-tuning's `replay_distill`): on the batch's replayed rows
     (from `batch.replay_from`) the target is `distill` times the teacher's distribution (the
     init model, reading the same reference) and `1 - distill` times the reference.
+
+    `contrast_weight` > 0 (fine-tuning's contrastive term, model/contrast.py): the batch's
+    `negatives` pairs add `contrast_weight` times their mean hinge, scaled by the token count so
+    that the caller's per-token mean carries it at that weight.
     """
     enc = model.encode(batch.src, batch.src_lens)
     if teacher_forcing_ratio < 1.0:
@@ -80,7 +86,28 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0, *,
     if teacher is not None and distill > 0 and batch.replay_from is not None:
         soft = _teacher_logits(teacher, batch, keep[batch.replay_from:])
     loss = cross_entropy_sum(logits, batch.tgt_out[keep], label_smoothing, teacher=soft, distill=distill)
-    return loss, int(keep.sum())
+    n = int(keep.sum())
+    if contrast_weight > 0 and batch.negatives is not None and len(batch.negatives):
+        pairs = batch.negatives
+        loss = loss + contrast_weight * n / len(pairs) * _contrast_sum(model, batch, enc, feats, logits, keep,
+                                                                       contrast_margin)
+    return loss, n
+
+
+def _contrast_sum(model: Seq2Seq, batch: Batch, enc: EncoderOutput, feats: torch.Tensor,
+                  logits: torch.Tensor, keep: torch.Tensor, margin: float) -> torch.Tensor:
+    """The summed hinge of the batch's (row, negative) pairs: the rows' own replies read from the
+    loss's logits (`pick_negatives` lists rows in order, each once), the negatives' decoded from the
+    rows' own encodings."""
+    rows, negs = batch.negatives[:, 0], batch.negatives[:, 1]
+    own_keep = keep.index_select(0, rows)
+    own = mean_logprobs(logits[torch.isin(torch.nonzero(keep)[:, 0], rows)],
+                        batch.tgt_out.index_select(0, rows), own_keep)
+    neg_out = batch.tgt_out.index_select(0, negs)
+    neg_keep = neg_out != 0
+    neg_feats = model.decode_features(batch.tgt_in.index_select(0, negs), enc.index_select(rows))
+    negative = mean_logprobs(model.project(neg_feats[neg_keep]), neg_out, neg_keep)
+    return hinge(own, negative, margin)
 
 
 @torch.no_grad()

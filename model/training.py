@@ -27,6 +27,7 @@ from torch import Tensor
 from .blend import own_words, row_blend
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import RunConfig
+from .contrast import pick_negatives, reply_keys
 from .corpus import load_corpora, make_pairs, reverse_pairs, split_conversations
 from .data import Batch, Example, collate, encode_pairs, make_batches
 from .device import pick_device
@@ -135,6 +136,10 @@ class Trainer:
         # what a saved checkpoint's embedding blends back towards ([train] embedding_blend); a
         # resumed run has it from its state
         self.init_embedding: Tensor | None = None
+        # the corpus's own words: its names and topics, as against the replay corpus (model/blend.py)
+        spared = (own_words(corpus.train, corpus.replay, cfg.model.vocab_size, t.embedding_own_words)
+                  if t.embedding_own_words > 0 and corpus.replay
+                  and (t.embedding_blend < 1.0 or t.contrast_weight > 0) else None)
         if t.embedding_blend < 1.0:
             if init is None:
                 raise TrainingError("[train] embedding_blend blends towards the init's embedding: "
@@ -142,12 +147,12 @@ class Trainer:
             if init.state is not None:
                 start = init.state["embedding.weight"].detach()
                 self.init_embedding = start.to(self.device, torch.float32).clone()
-            spared = None
-            if t.embedding_own_words > 0 and corpus.replay:
-                spared = own_words(corpus.train, corpus.replay, cfg.model.vocab_size, t.embedding_own_words)
+            if spared is not None:
                 log.info("embedding blend %.2f; %d rows of the corpus's own words keep all their change",
                          t.embedding_blend, int(spared.sum()))
             self.row_blend = row_blend(t.embedding_blend, spared, cfg.model.vocab_size).to(self.device)
+        # what decides each own pair's possible negatives ([train] contrast_weight, model/contrast.py)
+        self.reply_keys = reply_keys(corpus.train, spared) if t.contrast_weight > 0 else None
         # the init model, frozen, whose distribution replayed pairs are distilled from
         # ([train] replay_distill; none without replayed pairs); a resumed run has its weights from
         # its state
@@ -257,7 +262,11 @@ class Trainer:
         """The step's batch: its own pairs, then the replayed ones (`replay_from` marks them)."""
         own = [self.corpus.train[i] for i in indices]
         examples = self._with_replay(own)
-        return collate(examples, replay_from=len(own) if len(examples) > len(own) else None)
+        negatives = (pick_negatives([self.reply_keys[i] for i in indices],
+                                    random.Random(f"{self.cfg.train.seed}/negatives/{self.step}"))
+                     if self.reply_keys is not None else [])
+        return collate(examples, replay_from=len(own) if len(examples) > len(own) else None,
+                       negatives=negatives)
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -497,7 +506,8 @@ class Trainer:
         """`batch_loss` with this run's label smoothing and teacher forcing (DDP wraps this)."""
         t = self.cfg.train
         return batch_loss(model, batch, t.label_smoothing, teacher_forcing_ratio=t.teacher_forcing_ratio,
-                          rng=self.rng, teacher=self.teacher, distill=t.replay_distill)
+                          rng=self.rng, teacher=self.teacher, distill=t.replay_distill,
+                          contrast_weight=t.contrast_weight, contrast_margin=t.contrast_margin)
 
 
 def _is_main_thread() -> bool:

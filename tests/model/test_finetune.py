@@ -278,3 +278,35 @@ def test_replay_distill_needs_replay_and_an_init_and_a_resume_keeps_it(tiny_chec
     with pytest.raises(TrainingError, match="replay_distill"):
         run_training(corpus=str(persona), out=out, init=tiny_checkpoint, progress=False, resume=True,
                      overrides={"train": {**train, "max_steps": 4, "replay_distill": 0.5}})
+
+
+def test_contrast_pairs_every_steps_own_rows_with_negatives_drawn_from_seed_and_step(
+        tiny_checkpoint, persona, tmp_path, monkeypatch) -> None:
+    import model.training
+    from model.evaluation import batch_loss
+
+    seen: list[tuple[int | None, list[list[int]], torch.Tensor]] = []
+
+    def spying(net, batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if batch.negatives is not None:
+            assert kwargs["contrast_weight"] == 1.0
+            seen.append((batch.replay_from, batch.negatives.tolist(), batch.tgt_out.clone()))
+        return batch_loss(net, batch, *args, **kwargs)
+
+    monkeypatch.setattr(model.training, "batch_loss", spying)
+    train = {"max_steps": 6, "eval_every": 6, "num_threads": 1, "precision": "fp32", "contrast_weight": 1.0}
+    runs = []
+    for name in ("a", "b"):
+        run_training(corpus=str(persona), out=tmp_path / name, init=tiny_checkpoint, progress=False,
+                     overrides={"train": train})
+        runs.append([pairs for _, pairs, _ in seen])
+        if name == "a":
+            first = list(seen)
+        seen.clear()
+    assert len(first) == 6 and runs[0] == runs[1]  # every step; the same draws from the same seed
+    for replay_from, pairs, tgt in first:
+        assert replay_from is not None and pairs
+        assert [i for i, _ in pairs] == sorted({i for i, _ in pairs})
+        for i, j in pairs:  # own rows only, never its own reply
+            assert i < replay_from and j < replay_from and not torch.equal(tgt[i], tgt[j])
+    assert load_checkpoint(tmp_path / "a").config["training"]["contrast_weight"] == 1.0
