@@ -182,7 +182,8 @@ def test_a_saved_checkpoint_keeps_the_embedding_blend_of_its_change_but_the_own_
                  overrides={"train": train})
     kept = load_checkpoint(out).config["training"]
     assert {k: kept[k] for k in FORWARD_REPLAY_DEFAULTS} == FORWARD_REPLAY_DEFAULTS
-    assert FORWARD_REPLAY_DEFAULTS["embedding_blend"] == 0.5
+    b = FORWARD_REPLAY_DEFAULTS["embedding_blend"]
+    assert 0 < b < 1
     cfg = config_from_init(load_checkpoint(tiny_checkpoint), None, {"train": train})
     data = prepare_corpus(str(persona), cfg, load_checkpoint(tiny_checkpoint).tokenizer)
     spared = own_words(data.train, data.replay, cfg.model.vocab_size, kept["embedding_own_words"])
@@ -192,7 +193,7 @@ def test_a_saved_checkpoint_keeps_the_embedding_blend_of_its_change_but_the_own_
     trained = torch.load(out / "train_state.pt", weights_only=True)["model"]
     emb = "embedding.weight"
     assert not torch.equal(trained[emb][~spared], init[emb][~spared])
-    assert torch.allclose(saved[emb][~spared], 0.5 * init[emb][~spared] + 0.5 * trained[emb][~spared],
+    assert torch.allclose(saved[emb][~spared], (1 - b) * init[emb][~spared] + b * trained[emb][~spared],
                           atol=1e-6)
     assert torch.equal(saved[emb][spared], trained[emb][spared])  # the corpus's own words: as trained
     for k in saved:  # everything else as trained
@@ -221,9 +222,9 @@ def test_embedding_blend_is_off_for_reverse_runs_runs_without_replay_and_runs_fr
     assert config_from_init(init, None, {"train": {"reverse": True}}).train.embedding_blend == 1.0
     assert config_from_init(init, None, {"train": {"replay_ratio": 0.0}}).train.embedding_blend == 1.0
     assert config_from_init(init, None, None).train.embedding_blend == 0.5
-    for off in ({"reverse": True}, {"replay_ratio": 0.0}):  # nor the own words' rows, nor distillation
+    for off in ({"reverse": True}, {"replay_ratio": 0.0}):  # nor the own words, distillation, contrast
         cfg = config_from_init(init, None, {"train": off}).train
-        assert cfg.embedding_own_words == 0.0 and cfg.replay_distill == 0.0
+        assert cfg.embedding_own_words == 0.0 and cfg.replay_distill == 0.0 and cfg.contrast_weight == 0.0
     cfg = tmp_path / "blend.toml"
     cfg.write_text("[train]\nembedding_blend = 0.5\nmax_steps = 2\n")
     assert main(["train", "--corpus", str(persona), "--config", str(cfg), "--out", str(tmp_path / "x"),
