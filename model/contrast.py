@@ -17,8 +17,12 @@ Losses for Sequence to Sequence Learning"). Once a pair is apart by the margin i
 
 A negative never shares one of the corpus's own words (model/blend.py `own_words`: its names and
 topics) with the reply, so that two wordings of one fact ("Pickle, my grey cat." and "My cat's
-called Pickle.") are not pushed apart, and is never the same reply. Negatives are drawn from the
-run's seed and step alone, so a resumed run draws the same ones.
+called Pickle.") are not pushed apart, and is never the same reply (a run without a replay corpus,
+or with `embedding_own_words = 0`, has no own words: any other reply may be a negative). Negatives
+are drawn from the run's seed and step alone, so a resumed run draws the same ones.
+
+Off by default: on the persona it stated more facts on the dev questions but not on fresh ones,
+and more of its replies came out garbled (docs/FINETUNE.md, "Contrasting the facts' replies").
 """
 
 from __future__ import annotations
