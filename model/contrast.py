@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .data import Example
+from .loss import row_logprob_sums
 
 ReplyKey = tuple[tuple[int, ...], frozenset[int]]  # a reply's tokens, and its own words among them
 
@@ -60,10 +61,7 @@ def pick_negatives(keys: Sequence[ReplyKey], rng: random.Random) -> list[tuple[i
 def mean_logprobs(logits: Tensor, target: Tensor, keep: Tensor) -> Tensor:
     """(B,) float32: each row's mean log-probability of its target tokens, from `logits` (N, V)
     at the positions where `keep` (B, T) is True (in row order) and `target` (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, target[keep][:, None])[:, 0]
-    rows = torch.nonzero(keep)[:, 0]
-    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, logp)
-    return sums / keep.sum(dim=1).clamp(min=1)
+    return row_logprob_sums(logits, target, keep) / keep.sum(dim=1).clamp(min=1)
 
 
 def hinge(own: Tensor, negative: Tensor, margin: float) -> Tensor:

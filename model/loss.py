@@ -105,3 +105,12 @@ def _reference(logits: Tensor, target: Tensor, smoothing: float, teacher: Tensor
     q = torch.softmax(teacher.detach().float(), dim=-1)
     soft = -(q * torch.log_softmax(logits[first:].float(), dim=-1)).sum(dim=-1)
     return hard[:first].sum() + ((1.0 - distill) * hard[first:] + distill * soft).sum()
+
+
+def row_logprob_sums(logits: Tensor, target: Tensor, keep: Tensor) -> Tensor:
+    """(B,) float32: each row's summed log-probability of its target tokens, from `logits` (N, V)
+    at the positions where `keep` (B, T) is True (in row order) and `target` (B, T). What a
+    teacher-forced pass scores a whole sequence by (MMI's reverse model, the contrastive term)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, target[keep][:, None])[:, 0]
+    rows = torch.nonzero(keep)[:, 0]
+    return torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, logp)

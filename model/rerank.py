@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from .data import collate
 from .decoding import RERANKS, DecodeOptions, Hypothesis
+from .loss import row_logprob_sums
 from .network import Seq2Seq
 from .tokenizer import EOS_ID, SEP_ID
 
@@ -69,10 +69,9 @@ def reverse_logprobs(reverse: Seq2Seq, pairs: Sequence[tuple[Sequence[int], Sequ
     device = next(reverse.parameters()).device
     batch = collate(examples).to(device)
     enc = reverse.encode(batch.src, batch.src_lens)
-    logits = reverse.project(reverse.decode_features(batch.tgt_in, enc))  # (N, T, V)
-    logp = F.log_softmax(logits.float(), dim=-1).gather(2, batch.tgt_out[:, :, None])[:, :, 0]
     keep = batch.tgt_out != 0
-    sums = logp.masked_fill(~keep, 0.0).sum(1).tolist()
+    logits = reverse.project(reverse.decode_features(batch.tgt_in, enc)[keep])  # real tokens only
+    sums = row_logprob_sums(logits, batch.tgt_out, keep).tolist()
     return list(zip(sums, keep.sum(1).tolist(), strict=True))
 
 
